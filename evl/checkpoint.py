@@ -1,0 +1,157 @@
+"""Decoder checkpoints: the project's own format, and the reference implementation's released weights.
+
+Only the trainable part (decoder + head) is ever saved; the backbone is named by its weights identity instead,
+so a decoder is never silently paired with another backbone. Everything loads with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evl.config import ConfigError, ModelConfig, from_dict, to_dict
+
+FORMAT = "evl-classifier"
+VERSION = 1
+
+# Reference key (after the DDP `module.` prefix) -> this project's EVLClassifier key.
+_REFERENCE_KEYS = [
+    (r"^decoder\.cls_token$", "decoder.query_token"),
+    (r"^decoder\.decoder_layers\.(\d+)\.", r"decoder.layers.\1."),
+    (r"^decoder\.temporal_conv\.(\d+)\.", r"decoder.temporal.\1.conv."),
+    (r"^decoder\.temporal_pos_embed\.(\d+)$", r"decoder.temporal.\1.pos_embed"),
+    (r"^decoder\.cross_attention\.(\d+)\.w1$", r"decoder.temporal.\1.cross_attention.w_prev"),
+    (r"^decoder\.cross_attention\.(\d+)\.w2$", r"decoder.temporal.\1.cross_attention.w_next"),
+    (r"^proj\.0\.", "head.norm."),
+    (r"^proj\.2\.", "head.fc."),
+]
+_PROJECT_KEYS = [(re.compile(p), r) for p, r in _REFERENCE_KEYS]
+
+# (width, cross-attention table rows) -> backbone, to recognise a reference checkpoint's backbone.
+_REFERENCE_BACKBONES = {(768, 729): "ViT-B-16", (1024, 961): "ViT-L-14", (1024, 2209): "ViT-L-14-336"}
+
+# Config fields that change what the checkpoint's tensors mean; a mismatch in any of them is refused.
+_STRUCTURAL = ("backbone", "num_frames", "num_classes", "decoder_num_layers", "decoder_qkv_dim",
+               "decoder_num_heads", "decoder_mlp_factor", "temporal_conv", "temporal_pos_embed",
+               "temporal_cross_attention")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here; the message names why."""
+
+
+@dataclass
+class Checkpoint:
+    model: ModelConfig  # resolved
+    state_dict: dict[str, torch.Tensor]  # EVLClassifier keys
+    backbone_weights: str | None  # weights identity; None for reference checkpoints (OpenAI CLIP by construction)
+    class_names: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # step, metrics, ...
+
+
+def save_checkpoint(path: str | Path, classifier: torch.nn.Module, model_cfg: ModelConfig, backbone_weights: str,
+                    class_names: list[str] | None = None, extra: dict[str, Any] | None = None) -> None:
+    state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+    payload = {"format": FORMAT, "version": VERSION, "model": to_dict(model_cfg), "backbone_weights": backbone_weights,
+               "class_names": class_names, "extra": extra or {}, "state_dict": state}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a project checkpoint or a reference one (`{'model': {'module.…': tensor}}`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
+        raise CheckpointError(f"{path} is not a loadable checkpoint: {e}") from e
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        if payload.get("version") != VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not supported "
+                                  f"(this build reads version {VERSION})")
+        return Checkpoint(model=from_dict(ModelConfig, payload["model"]), state_dict=payload["state_dict"],
+                          backbone_weights=payload["backbone_weights"], class_names=payload.get("class_names"),
+                          extra=payload.get("extra") or {})
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        return reference_checkpoint(payload["model"], source=str(path))
+    raise CheckpointError(f"{path} is neither an EVL checkpoint nor a reference checkpoint ({{'model': state_dict}})")
+
+
+def reference_checkpoint(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> Checkpoint:
+    """Convert the reference's DDP state dict to this project's keys and infer its model config."""
+    state = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        for pattern, replacement in _PROJECT_KEYS:
+            key, n = pattern.subn(replacement, key)
+            if n:
+                break
+        state[key] = value
+    return Checkpoint(model=_infer_reference_config(state, source), state_dict=state, backbone_weights=None)
+
+
+def _infer_reference_config(state: dict[str, torch.Tensor], source: str) -> ModelConfig:
+    try:
+        width = state["decoder.query_token"].shape[0]
+        num_classes = state["head.fc.weight"].shape[0]
+        layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("decoder.layers."))
+        qkv_dim = state["decoder.layers.0.attn.q_proj.weight"].shape[0]
+        mlp_hidden = state["decoder.layers.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{source} does not look like an EVL reference checkpoint (missing {e})") from e
+    pos = state.get("decoder.temporal.0.pos_embed")
+    table = state.get("decoder.temporal.0.cross_attention.w_prev")
+    rows = table.shape[0] if table is not None else (729 if width == 768 else 961)
+    backbone = _REFERENCE_BACKBONES.get((width, rows))
+    if backbone is None:
+        raise CheckpointError(f"{source}: no known backbone has width {width} and a {rows}-row cross-attention table")
+    if pos is None:
+        raise CheckpointError(f"{source}: without a temporal position embedding the frame count cannot be read; "
+                              f"load it with an explicit model config instead")
+    return ModelConfig(backbone=backbone, pretrained="openai", num_frames=pos.shape[0], num_classes=num_classes,
+                       decoder_num_layers=layers, decoder_qkv_dim=qkv_dim, decoder_num_heads=qkv_dim // 64,
+                       decoder_mlp_factor=mlp_hidden / width,
+                       temporal_conv="decoder.temporal.0.conv.weight" in state, temporal_pos_embed=True,
+                       temporal_cross_attention=table is not None)
+
+
+def check_compatible(ckpt: Checkpoint, model_cfg: ModelConfig, backbone_weights: str | None) -> None:
+    """Refuse a checkpoint made for another configuration, naming every difference."""
+    problems = [f"{name}: checkpoint has {getattr(ckpt.model, name)!r}, model has {getattr(model_cfg, name)!r}"
+                for name in _STRUCTURAL
+                if _norm(name, getattr(ckpt.model, name)) != _norm(name, getattr(model_cfg, name))]
+    if ckpt.backbone_weights and backbone_weights and ckpt.backbone_weights != backbone_weights:
+        problems.append(f"backbone weights: checkpoint was trained on {ckpt.backbone_weights}, "
+                        f"model has {backbone_weights}")
+    if problems:
+        raise CheckpointError("checkpoint does not match this model:\n  " + "\n  ".join(problems))
+
+
+def _norm(name: str, value: Any) -> Any:
+    return round(value, 6) if name == "decoder_mlp_factor" else value
+
+
+def load_into(classifier: torch.nn.Module, ckpt: Checkpoint, backbone_weights: str | None) -> None:
+    """Check compatibility, then load strictly: no missing and no unexpected keys."""
+    check_compatible(ckpt, classifier.config, backbone_weights)
+    result = classifier.load_state_dict(ckpt.state_dict, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint keys do not fit the model: missing {result.missing_keys}, "
+                              f"unexpected {result.unexpected_keys}")
+
+
+def model_config_of(ckpt: Checkpoint, **overrides: Any) -> ModelConfig:
+    """The checkpoint's model config, with e.g. `pretrained` swapped for a local weights file."""
+    cfg = dataclasses.replace(ckpt.model, **overrides)
+    cfg.validate()
+    return cfg
+
