@@ -172,6 +172,40 @@ class Config:
         return out
 
 
+@dataclass
+class SweepConfig:
+    """A sweep: a base training config and a search space over frame count and decoder depth (and optionally
+    lr and the temporal-module switches). Each frame count runs with its reference stride."""
+
+    base: str = "demo.yaml"  # training config; relative paths are relative to the sweep file
+    name: str = "sweep"
+    overrides: list[str] = field(default_factory=list)  # `section.key=value` applied to the base for every trial
+    num_frames: list[int] = field(default_factory=lambda: [8, 16, 32])
+    decoder_num_layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    stride_for_frames: dict[int, int] = field(default_factory=lambda: {8: 16, 16: 16, 32: 8})
+    lr: list[float] | None = None  # also sweep the learning rate
+    temporal_switches: bool = False  # also sweep each temporal module on and off
+    search: str = "grid"  # grid: every combination; random: num_samples draws from the space
+    num_samples: int = 1  # grid: repeats of the grid; random: trials
+    asha: bool = False  # stop weak trials early on validation top-1 (needs several evaluations per trial)
+    asha_grace_period: int = 1  # evaluations before a trial may be stopped
+    max_concurrent_trials: int | None = None  # null: from the cluster's GPUs (1 on a CPU-only cluster)
+    storage_path: str | None = None  # null: the base config's scaling.storage_path
+
+    def validate(self) -> SweepConfig:
+        if self.search not in ("grid", "random"):
+            raise ConfigError(f"sweep search must be grid or random, got {self.search!r}")
+        if not self.num_frames or not self.decoder_num_layers:
+            raise ConfigError("sweep num_frames and decoder_num_layers must each list at least one value")
+        missing = sorted(set(self.num_frames) - set(self.stride_for_frames))
+        if missing:
+            raise ConfigError(f"sweep stride_for_frames has no stride for num_frames {missing}")
+        if self.num_samples < 1:
+            raise ConfigError(f"sweep num_samples must be positive, got {self.num_samples}")
+        _positive_or_none(self, "max_concurrent_trials")
+        return self
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading: dict/YAML -> dataclasses with type checks, and dotted overrides.
 
@@ -211,8 +245,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        return {str(k): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+        kt, vt = typing.get_args(tp)
+        return {_coerce(kt, k, f"{key} key") if kt is not str else str(k): _coerce(vt, v, f"{key}.{k}")
+                for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (vt,) = typing.get_args(tp)
+        return [_coerce(vt, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

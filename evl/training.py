@@ -177,7 +177,7 @@ def fit(trainer: Trainer, train_batches: Callable[[int], Iterable[dict[str, torc
         extra_metrics: Callable[[], dict[str, float]] = dict) -> dict[str, float]:
     """Train until `train.num_steps` optimizer steps, top to bottom.
 
-    train_batches(epoch) yields {"clip": uint8 [B, T, 3, H, W], "label": int64 [B]} micro-batches.
+    train_batches(data_pass) yields {"clip": uint8 [B, T, 3, H, W], "label": int64 [B]} micro-batches.
     Every `log_every` steps on_log gets loss, lr, top-1 on the batches, clips/s, data wait and ETA; every
     `eval_every` steps (and at the end) `evaluate()` runs; every `checkpoint_every` steps (and at the end)
     on_checkpoint is called on every rank with the latest metrics, so it can save. Returns the last metrics.
@@ -187,10 +187,10 @@ def fit(trainer: Trainer, train_batches: Callable[[int], Iterable[dict[str, torc
     latest_eval: dict[str, float] = {}
     first_step, start = trainer.step, time.perf_counter()
     window = _Window(trainer.device)
-    epoch = 0
+    data_pass = 0  # one pass over the train dataset: an epoch, or several for small datasets
     while trainer.step < cfg.num_steps:
         batches = 0
-        for batch in _timed(train_batches(epoch), window):
+        for batch in _timed(train_batches(data_pass), window):
             batches += 1
             before = trainer.step
             loss, correct = trainer.train_micro_batch(batch["clip"], batch["label"])
@@ -201,7 +201,7 @@ def fit(trainer: Trainer, train_batches: Callable[[int], Iterable[dict[str, torc
             if step % cfg.log_every == 0 or step == cfg.num_steps:
                 metrics = window.flush()
                 rate = (step - first_step) / (time.perf_counter() - start)
-                metrics.update(lr=trainer.scheduler.get_last_lr()[0], epoch=float(epoch),
+                metrics.update(lr=trainer.scheduler.get_last_lr()[0], data_pass=float(data_pass),
                                eta_s=(cfg.num_steps - step) / rate if rate > 0 else float("nan"),
                                **extra_metrics(), **latest_eval)
                 on_log(step, metrics)
@@ -216,7 +216,7 @@ def fit(trainer: Trainer, train_batches: Callable[[int], Iterable[dict[str, torc
                 return metrics
         if batches == 0:
             raise RuntimeError("the training data yielded no batches: is the manifest empty, or every video broken?")
-        epoch += 1
+        data_pass += 1
     return metrics
 
 

@@ -1,0 +1,159 @@
+"""`evl train` end to end on a real local Ray: Ray Data decoding real h264 files, two Ray Train workers with
+DeepSpeed (gloo), checkpoints through Ray Train, a real MLflow SQLite store; then `evl eval` and `evl predict`
+on the result, a worker killed mid-run, and a stopped run resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from evl.checkpoint import load_checkpoint
+from evl.config import ConfigError, load_config
+from evl.video.synth import SynthParams, write_synth_dataset
+from workflows.cli import main
+from workflows.prepare import prepare_dataset
+from workflows.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_synth_dataset(root, SynthParams(num_classes=3, train_per_class=4, val_per_class=2, width=32, height=32,
+                                          frames=16))
+    ray.init(num_cpus=4, include_dashboard=False)
+    prepare_dataset(str(root), str(root / "manifests"))
+    yield root
+    ray.shutdown()
+
+
+def tiny_config(dataset: Path, tmp_path: Path, *overrides: str):
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"data.train_manifest={dataset / 'manifests' / 'train.parquet'}",
+        f"data.val_manifest={dataset / 'manifests' / 'val.parquet'}",
+        "model.backbone=EVL-Tiny", "model.num_frames=4", "model.num_classes=3", "model.decoder_num_layers=2",
+        "data.sampling_rate=2", "data.decode_workers=1", "train.batch_size=4", "train.micro_batch_size=2",
+        "train.num_steps=6", "train.log_every=3", "train.eval_every=3", "train.checkpoint_every=3",
+        f"scaling.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides])
+
+
+def test_train_logs_to_mlflow_and_checkpoints(dataset, tmp_path, capsys):
+    cfg = tiny_config(dataset, tmp_path)
+    result = train(cfg)
+    assert 0.0 <= result.metrics["val_top1"] <= 1.0 and result.metrics["step"] == 6
+
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.num_frames"] == "4" and run.data.params["model.decoder_num_layers"] == "2"
+    assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.backbone"] == "EVL-Tiny"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6]
+    for key in ("lr", "train_top1", "clips_per_s", "data_wait_s", "decode_failures", "val_top1", "val_top5"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "confusion_matrix.png", "per_class_accuracy.csv", "skipped_videos.tsv",
+            "checkpoint"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/decoder.pt"]
+
+    ckpt = load_checkpoint(Path(result.checkpoint_dir) / "decoder.pt")
+    assert ckpt.model.num_frames == 4 and ckpt.class_names == sorted(["moving left", "moving right", "growing"])  # own sorted list
+    assert not any("visual" in k for k in ckpt.state_dict)
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", result.checkpoint_dir,
+                 "--manifest", str(dataset / "manifests" / "val.parquet"), "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "6 videos  top-1" in out and (tmp_path / "eval" / "per_class_accuracy.csv").is_file()
+
+    video = next((dataset / "videos").glob("*.mp4"))
+    assert main(["predict", str(video), str(tmp_path / "missing.mp4"), "--checkpoint", result.checkpoint_dir]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == str(video) and len(lines) == 4  # the video, then its top classes (3 classes here)
+    assert "missing.mp4: skipped" in captured.err
+
+
+def _kill_one_worker_after_first_checkpoint(run_dir_root: Path, done: threading.Event, killed: list) -> None:
+    """Wait for a checkpoint to land in storage, then SIGKILL one Ray Train worker process."""
+    deadline = time.time() + 240
+    while time.time() < deadline and not done.is_set():
+        if any(run_dir_root.glob("*/checkpoint_*")):
+            for pid in _train_worker_pids():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.2)
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith("ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _run_with_killer(cfg, **kwargs):
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint,
+                              args=(Path(cfg.scaling.storage_path), done, killed))
+    killer.start()
+    try:
+        return train(cfg, **kwargs), killed
+    finally:
+        done.set()
+        killer.join()
+
+
+def test_killed_worker_restarts_from_last_checkpoint(dataset, tmp_path):
+    cfg = tiny_config(dataset, tmp_path, "train.num_steps=12", "scaling.max_failures=1")
+    result, killed = _run_with_killer(cfg)
+    assert killed, "no worker was killed"
+    assert result.metrics["step"] == 12
+    client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]  # a single MLflow run
+    losses = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
+    assert losses[-1] == 12 and losses[0] == 3
+
+
+def test_stopped_run_resumes_and_other_configs_are_refused(dataset, tmp_path):
+    cfg = tiny_config(dataset, tmp_path, "train.num_steps=12", "scaling.max_failures=0")
+    with pytest.raises(Exception):
+        _run_with_killer(cfg)
+    run_dir = next(Path(cfg.scaling.storage_path).iterdir())
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    other = tiny_config(dataset, tmp_path, "train.num_steps=12", "model.num_frames=8")
+    with pytest.raises(ConfigError, match="num_frames: run has 4, config has 8"):
+        train(other, resume=run_dir.name)
+
+    result = train(cfg, resume="latest")
+    assert result.mlflow_run_id == run_id and result.metrics["step"] == 12
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert 3 in steps and steps[-1] == 12
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path, capsys):
+    code = main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--set", "model.num_frame=8"])
+    assert code == 2 and "unknown key model.num_frame" in capsys.readouterr().err
+    code = main(["train", "--config", str(ROOT / "configs" / "demo.yaml"),
+                 "--set", f"data.train_manifest={tmp_path / 'nope.parquet'}"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err

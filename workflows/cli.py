@@ -1,0 +1,44 @@
+"""The `evl` command: one subcommand per workflow module, each with `add_arguments(parser)` and `run(args)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "synth": ("workflows.synth", "write a synthetic video dataset (real h264 files, CVDF layout)"),
+    "prepare": ("workflows.prepare", "probe a dataset's videos on Ray and write Parquet manifests"),
+    "train": ("workflows.train", "train EVL with Ray Train + DeepSpeed, tracked in MLflow"),
+    "eval": ("workflows.evaluate", "multi-view evaluation of a checkpoint"),
+    "predict": ("workflows.predict", "top-5 labels for video files"),
+    "sweep": ("workflows.sweep", "Ray Tune sweep over frame count and decoder depth"),
+    "demo": ("workflows.demo", "the whole workflow on synthetic videos, on this machine"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="evl", description="EVL video recognition on Ray")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # Only the chosen command's module is imported: `evl predict` never loads Ray.
+        if argv and argv[0] == name:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    from evl.checkpoint import CheckpointError
+    from evl.config import ConfigError
+
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args)
+    except ConfigError as e:
+        print(f"evl {args.command}: configuration error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"evl {args.command}: checkpoint error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

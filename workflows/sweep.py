@@ -1,0 +1,264 @@
+"""`evl sweep`: a Ray Tune sweep over frame count and decoder depth, tracked in MLflow.
+
+Each trial is a Tune function that builds and fits the training workflow's TorchTrainer (Ray 2.60's pattern),
+with Tune's report callback passing validation metrics up for ASHA and the final table. MLflow gets one
+parent run per sweep and a nested child run per trial, so the MLflow UI's compare view shows the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evl.config import Config, ConfigError, SweepConfig, apply_overrides, dump_yaml, from_dict, read_yaml
+
+PARENT_RUN_FILE = "mlflow_parent_run_id"
+TABLE_COLUMNS = ("num_frames", "decoder_num_layers", "lr", "temporal", "status", "val_top1", "val_top5",
+                 "clips_per_s", "trainable_params", "mlflow_run")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep_*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the base training config for every trial")
+    parser.add_argument("--resume", action="store_true", help="continue a stopped sweep; finished trials are kept")
+    parser.add_argument("--address", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = sweep(args.config, overrides=args.overrides, resume=args.resume, address=args.address)
+    print(result.table_text())
+    print(result.best_text())
+    print(f"summary: {result.csv_path}  heatmap: {result.heatmap_path}")
+    return 0
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
+    """The sweep config and its base training config (with the sweep's and the command line's overrides)."""
+    scfg = from_dict(SweepConfig, read_yaml(path)).validate()
+    base_path = Path(scfg.base) if Path(scfg.base).is_absolute() else Path(path).parent / scfg.base
+    base = from_dict(Config, apply_overrides(read_yaml(base_path), scfg.overrides + list(overrides or [])))
+    base.validate()
+    return scfg, base
+
+
+def trial_points(scfg: SweepConfig) -> list[dict[str, Any]]:
+    """Every point of the grid, as `section.key -> value` overrides."""
+    axes: dict[str, list[Any]] = {"model.num_frames": scfg.num_frames,
+                                  "model.decoder_num_layers": scfg.decoder_num_layers}
+    if scfg.lr:
+        axes["train.lr"] = scfg.lr
+    if scfg.temporal_switches:
+        for name in ("temporal_conv", "temporal_pos_embed", "temporal_cross_attention"):
+            axes[f"model.{name}"] = [True, False]
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def trial_config(base: dict[str, Any], point: dict[str, Any], scfg: SweepConfig, storage: str) -> Config:
+    frames, depth = point["model.num_frames"], point["model.decoder_num_layers"]
+    name = f"{scfg.name}-f{frames}-d{depth}" + "".join(
+        f"-{k.split('.')[-1]}={v}" for k, v in point.items() if k not in ("model.num_frames",
+                                                                         "model.decoder_num_layers"))
+    overrides = [f"{k}={v}" for k, v in point.items()] + [
+        f"data.sampling_rate={scfg.stride_for_frames[frames]}", f"name={name}", f"tracking.run_name={name}",
+        f"scaling.storage_path={storage}"]
+    return from_dict(Config, apply_overrides(base, overrides)).validate()
+
+
+def run_trial(point: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
+              parent_run_id: str) -> None:
+    """One Tune trial: a whole training run, reporting to Tune through Ray Train's callback."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows.train import train
+
+    sweep_cfg = from_dict(SweepConfig, scfg)
+    cfg = trial_config(base, point, sweep_cfg, storage)
+    train(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
+          extra_params={"trial.num_frames": cfg.model.num_frames,
+                        "trial.decoder_num_layers": cfg.model.decoder_num_layers})
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    csv_path: str
+    heatmap_path: str
+    parent_run_id: str
+
+    def table_text(self) -> str:
+        header = f"{'frames':>6} {'depth':>5} {'lr':>8} {'temporal':>8} {'status':>10} {'top-1':>6} {'top-5':>6} " \
+                 f"{'clips/s':>8} {'trainable':>11}"
+        lines = [header, "-" * len(header)]
+        for r in self.rows:
+            lines.append(f"{r['num_frames']:>6} {r['decoder_num_layers']:>5} {r['lr']:>8.1e} {r['temporal']:>8} "
+                         f"{r['status']:>10} {_fmt(r['val_top1'])} {_fmt(r['val_top5'])} "
+                         f"{_fmt(r['clips_per_s'], 8, 1)} {r['trainable_params'] or '':>11}")
+        return "\n".join(lines)
+
+    def best(self) -> dict[str, Any] | None:
+        done = [r for r in self.rows if r["val_top1"] is not None]
+        return max(done, key=lambda r: r["val_top1"]) if done else None
+
+    def best_text(self) -> str:
+        b = self.best()
+        if b is None:
+            return "best: no trial finished"
+        return (f"best: {b['num_frames']} frames, {b['decoder_num_layers']} decoder layers, lr {b['lr']:.1e}, "
+                f"temporal {b['temporal']}: top-1 {b['val_top1']:.3f}")
+
+
+def _fmt(value: Any, width: int = 6, digits: int = 3) -> str:
+    return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+
+
+def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False,
+          address: str | None = None) -> SweepResult:
+    import ray
+    from ray import tune
+
+    from evl.model import resolve_model_config
+    from workflows import tracking
+    from workflows.runtime import ensure_ray
+    from workflows.train import preflight
+
+    scfg, base = load_sweep(path, overrides)
+    storage_root = scfg.storage_path or base.scaling.storage_path
+    storage_root = storage_root if "://" in storage_root else str(Path(storage_root).resolve())
+    sweep_dir = Path(storage_root) / scfg.name
+    trials_storage = str(sweep_dir / "trials")
+    base_dict = base.to_dict()
+    points = trial_points(scfg)
+    for point in points:  # every trial's config is checked before anything starts
+        cfg = trial_config(base_dict, point, scfg, trials_storage)
+        resolve_model_config(cfg.model)
+        preflight(cfg)
+
+    uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
+    parent_file = sweep_dir / PARENT_RUN_FILE
+    if resume:
+        if not parent_file.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+            raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
+        parent_run_id = parent_file.read_text().strip()
+    else:
+        params = {f"sweep.{k}": v for k, v in scfg.__dict__.items()}
+        parent_run_id = tracking.start_run(uri, base.tracking.experiment, scfg.name, params, dump_yaml(base),
+                                           tags={"evl.sweep": scfg.name})
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        parent_file.write_text(parent_run_id)
+
+    ensure_ray(address)
+    trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
+                                     parent_run_id=parent_run_id)
+    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial driver only waits; its workers hold resources
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
+    else:
+        if scfg.search == "grid":
+            space = {"point": tune.grid_search(points)}
+            samples = scfg.num_samples
+        else:
+            space = {"point": tune.choice(points)}
+            samples = scfg.num_samples
+        scheduler = None
+        if scfg.asha:
+            scheduler = tune.schedulers.ASHAScheduler(time_attr="step", grace_period=max(
+                1, scfg.asha_grace_period * base.train.eval_every), max_t=base.train.num_steps)
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(metric="val_top1", mode="max", scheduler=scheduler, num_samples=samples,
+                                        max_concurrent_trials=scfg.max_concurrent_trials or _concurrency(base, ray)),
+            run_config=tune.RunConfig(name=scfg.name, storage_path=storage_root,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+
+    rows = [_row(r, base) for r in grid]
+    rows.sort(key=lambda r: (r["num_frames"], r["decoder_num_layers"], r["lr"], r["temporal"]))
+    result = SweepResult(rows, str(sweep_dir / "summary.csv"), str(sweep_dir / "heatmap.png"), parent_run_id)
+    _write_summary(result, scfg, uri)
+    any_ok = any(r["status"] == "finished" for r in rows)
+    tracking.end_run(uri, parent_run_id, "FINISHED" if any_ok else "FAILED")
+    return result
+
+
+def _trial_entry(config: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
+                 parent_run_id: str) -> None:
+    run_trial(config["point"], base, scfg, storage, parent_run_id)
+
+
+def _concurrency(base: Config, ray) -> int:
+    if not base.scaling.use_gpu:
+        return 1
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return max(1, gpus // base.scaling.num_workers)
+
+
+def _row(result, base: Config) -> dict[str, Any]:
+    point = result.config["point"]
+    metrics = result.metrics or {}
+    temporal = "".join(("c" if point.get("model.temporal_conv", base.model.temporal_conv) else "-",
+                        "p" if point.get("model.temporal_pos_embed", base.model.temporal_pos_embed) else "-",
+                        "x" if point.get("model.temporal_cross_attention",
+                                         base.model.temporal_cross_attention) else "-"))
+    finished = result.error is None and "val_top1" in metrics and metrics.get("step") == base.train.num_steps
+    status = "finished" if finished else ("failed" if result.error is not None else "stopped")
+    return {"num_frames": point["model.num_frames"], "decoder_num_layers": point["model.decoder_num_layers"],
+            "lr": point.get("train.lr", base.train.lr), "temporal": temporal, "status": status,
+            "val_top1": metrics.get("val_top1") if "val_top1" in metrics else None,
+            "val_top5": metrics.get("val_top5"), "clips_per_s": metrics.get("clips_per_s"),
+            "trainable_params": metrics.get("trainable_params"), "mlflow_run": metrics.get("mlflow_run_id", "")}
+
+
+def _write_summary(result: SweepResult, scfg: SweepConfig, uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS)
+    writer.writeheader()
+    for row in result.rows:
+        writer.writerow({k: row.get(k) for k in TABLE_COLUMNS})
+    Path(result.csv_path).write_text(out.getvalue())
+    _heatmap(result, scfg, result.heatmap_path)
+    client = MlflowClient(uri)
+    client.log_artifact(result.parent_run_id, result.csv_path)
+    client.log_artifact(result.parent_run_id, result.heatmap_path)
+    client.log_text(result.parent_run_id, result.table_text() + "\n" + result.best_text() + "\n", "summary.txt")
+    best = result.best()
+    if best is not None:
+        client.log_metric(result.parent_run_id, "best_val_top1", best["val_top1"])
+        client.set_tag(result.parent_run_id, "best_trial", f"f{best['num_frames']}-d{best['decoder_num_layers']}")
+
+
+def _heatmap(result: SweepResult, scfg: SweepConfig, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    frames, depths = sorted(set(scfg.num_frames)), sorted(set(scfg.decoder_num_layers))
+    grid = np.full((len(frames), len(depths)), np.nan)
+    for r in result.rows:  # best top-1 per (frames, depth) over the other axes
+        if r["val_top1"] is not None:
+            i, j = frames.index(r["num_frames"]), depths.index(r["decoder_num_layers"])
+            grid[i, j] = np.nanmax([grid[i, j], r["val_top1"]])
+    fig, ax = plt.subplots(figsize=(1.2 * len(depths) + 2, 1.0 * len(frames) + 1.5))
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(depths)), [str(d) for d in depths])
+    ax.set_yticks(range(len(frames)), [str(f) for f in frames])
+    ax.set_xlabel("decoder layers")
+    ax.set_ylabel("frames")
+    ax.set_title(f"{scfg.name}: validation top-1")
+    for i in range(len(frames)):
+        for j in range(len(depths)):
+            ax.text(j, i, "-" if np.isnan(grid[i, j]) else f"{grid[i, j]:.3f}", ha="center", va="center",
+                    color="w")
+    fig.colorbar(image)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,299 @@
+"""`evl train`: EVL on a Ray cluster.
+
+Ray Data decodes clips on CPU actors and streams equal shards to a Ray Train TorchTrainer; each worker runs
+`evl.training` (frozen backbone + DeepSpeed engine around decoder and head). Checkpoints go through
+`ray.train.report`, kept top-k by validation top-1; a failed worker group restarts from the last one. The
+driver owns the MLflow run; rank 0 writes metrics and artifacts to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from evl.config import Config, ConfigError, dump_yaml, from_dict, load_config
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.num_frames=16 (repeatable)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
+                        help="continue a stopped run (default: the latest run of this config)")
+    parser.add_argument("--address", default=None, help="Ray address (default: local Ray or RAY_ADDRESS)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, address=args.address)
+    print(result.summary())
+    return 0
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    checkpoint_dir: str | None
+    wall_s: float
+
+    def summary(self) -> str:
+        from workflows.tracking import ui_command
+
+        top1 = self.metrics.get("val_top1")
+        lines = [f"run {self.run_name} finished in {self.wall_s:.0f} s",
+                 f"  validation top-1: {top1:.3f}" if top1 is not None else "  no validation set",
+                 f"  top-5: {self.metrics['val_top5']:.3f}" if "val_top5" in self.metrics else "",
+                 f"  run directory: {self.run_dir}",
+                 f"  best checkpoint: {self.checkpoint_dir}",
+                 f"  MLflow run {self.mlflow_run_id} in {self.tracking_uri}",
+                 f"  see it: {ui_command(self.tracking_uri)}"]
+        return "\n".join(line for line in lines if line)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Before Ray: everything that can be checked is checked here, so a bad config fails in seconds.
+
+
+def preflight(cfg: Config) -> None:
+    from evl.checkpoint import CheckpointError  # noqa: F401  (import check of the model stack)
+    from evl.model import resolve_model_config
+    from evl.training import gradient_accumulation_steps
+
+    resolve_model_config(cfg.model)
+    gradient_accumulation_steps(cfg.train, cfg.scaling.num_workers)
+    if not cfg.data.train_manifest:
+        raise ConfigError("data.train_manifest is not set: run `evl prepare` and point it at the train manifest")
+    for key in ("train_manifest", "val_manifest"):
+        path = getattr(cfg.data, key)
+        if path and "://" not in path and not Path(path).is_file():
+            raise ConfigError(f"data.{key}: {path} does not exist")
+    if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
+        raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
+
+
+def class_names(cfg: Config) -> list[str]:
+    """The dataset's class list: data.class_names, else classes.json beside the train manifest, else K400's."""
+    from evl.video.kinetics import kinetics400_classes
+
+    candidates = [cfg.data.class_names] if cfg.data.class_names else []
+    if cfg.data.train_manifest and "://" not in cfg.data.train_manifest:
+        candidates.append(str(Path(cfg.data.train_manifest).parent / "classes.json"))
+    for path in candidates:
+        if Path(path).is_file():
+            names = json.loads(Path(path).read_text())
+            break
+    else:
+        names = kinetics400_classes()
+    if len(names) != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the dataset has {len(names)} classes")
+    return names
+
+
+def _storage(cfg: Config) -> str:
+    path = cfg.scaling.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _run_name(cfg: Config, resume: str | None) -> str:
+    if resume and resume != "latest":
+        return resume
+    if resume == "latest":
+        root = Path(_storage(cfg))
+        runs = sorted((p for p in root.glob(f"{cfg.name}-*") if (p / RUN_ID_FILE).is_file()),
+                      key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if not runs:
+            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {root}")
+        return runs[-1].name
+    return cfg.tracking.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def train(cfg: Config, resume: str | None = None, address: str | None = None,
+          parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None,
+          callbacks: list | None = None) -> TrainResult:
+    """Run one training job and return where everything went. `parent_run_id` nests the MLflow run (sweeps);
+    `callbacks` are Ray Train callbacks (a sweep passes Tune's report callback)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from workflows import tracking
+    from workflows.data import eval_dataset, train_dataset
+    from workflows.runtime import ensure_ray
+
+    start = time.perf_counter()
+    preflight(cfg)
+    names = class_names(cfg)
+    from evl.backbone import backbone_spec
+    image_size = backbone_spec(cfg.model.backbone).image_size
+
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    storage, run_name = _storage(cfg), _run_name(cfg, resume)
+    run_dir = Path(storage) / run_name
+    if resume:
+        if not (run_dir / RUN_ID_FILE).is_file():
+            raise ConfigError(f"--resume {run_name}: no run directory {run_dir}")
+        run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+        _check_resumable(cfg, run_dir)
+    else:
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
+                                    {**cfg.flat(), **(extra_params or {})}, dump_yaml(cfg),
+                                    tags={"evl.run_dir": str(run_dir)}, parent_run_id=parent_run_id)
+        if "://" not in storage:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_ID_FILE).write_text(run_id)
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    ensure_ray(address)
+    datasets = {"train": train_dataset(cfg, image_size)}
+    if cfg.data.val_manifest:
+        datasets["val"] = eval_dataset(cfg, image_size, cfg.data.val_manifest)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "class_names": names},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_top1",
+                checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    best = _best_checkpoint(result)
+    return TrainResult(run_name=run_name, run_dir=str(run_dir), mlflow_run_id=run_id, tracking_uri=uri,
+                       metrics=dict(result.metrics or {}), checkpoint_dir=best,
+                       wall_s=time.perf_counter() - start)
+
+
+def _best_checkpoint(result) -> str | None:
+    if result.best_checkpoints:
+        return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_top1", 0.0))[0].path
+    return result.checkpoint.path if result.checkpoint else None
+
+
+def _check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run with another model configuration before any worker starts."""
+    from evl.checkpoint import _STRUCTURAL
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+    saved = from_dict(Config, yaml.safe_load(saved_path.read_text())).model
+    diffs = [f"{k}: run has {getattr(saved, k)!r}, config has {getattr(cfg.model, k)!r}"
+             for k in (*_STRUCTURAL, "pretrained", "backbone_seed") if getattr(saved, k) != getattr(cfg.model, k)]
+    if diffs:
+        raise ConfigError(f"cannot resume {run_dir.name} with another model configuration:\n  " + "\n  ".join(diffs))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Each worker.
+
+
+def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from mlflow.tracking import MlflowClient
+
+    from evl.checkpoint import save_checkpoint
+    from evl.training import Trainer, fit
+    from workflows import tracking
+    from workflows.data import decode_failures
+
+    cfg = from_dict(Config, loop_cfg["config"])
+    run_id, uri, names = loop_cfg["run_id"], loop_cfg["tracking_uri"], loop_cfg["class_names"]
+    rank = ray.train.get_context().get_world_rank()
+    trainer = Trainer(cfg, ray.train.torch.get_device())
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            trainer.load(directory)
+    client = MlflowClient(uri) if rank == 0 else None
+    micro = cfg.train.micro_batch_size
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_manifest else None
+    last_eval: dict[str, Any] = {}
+    test_views = {"sampling_rate": cfg.data.sampling_rate, "num_temporal_views": cfg.data.num_temporal_views,
+                  "num_spatial_views": cfg.data.num_spatial_views}  # so `evl predict` views clips as eval did
+
+    def train_batches(epoch: int):
+        return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
+
+    def evaluate() -> dict[str, float]:
+        views = trainer.gather_views(trainer.evaluate(val_shard.iter_torch_batches(batch_size=micro)))
+        result = views.result()
+        last_eval["result"] = result
+        return result.metrics()
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if rank != 0:
+            return
+        tracking.log_metrics(client, run_id, step, metrics)
+        if "loss" in metrics:
+            print(f"step {step}/{cfg.train.num_steps} loss {metrics['loss']:.4f} "
+                  f"top1 {metrics['train_top1']:.3f} lr {metrics['lr']:.2e} "
+                  f"{metrics['clips_per_s'] * trainer.world_size:.1f} clips/s "
+                  f"data wait {metrics['data_wait_frac']:.0%} ETA {metrics['eta_s']:.0f} s", flush=True)
+        else:
+            print(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+    def extra_metrics() -> dict[str, float]:
+        return {"decode_failures": float(decode_failures()["total"])} if rank == 0 else {}
+
+    def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
+        final = step >= cfg.train.num_steps
+        with tempfile.TemporaryDirectory() as directory:
+            trainer.save(directory, extra={"step": step})
+            if rank == 0:
+                save_checkpoint(Path(directory) / "decoder.pt", trainer.engine.module, trainer.model.config,
+                                trainer.model.backbone.weights_id, class_names=names,
+                                extra={"step": step, "test_views": test_views,
+                                       **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+                if final:
+                    _log_final_artifacts(client, run_id, Path(directory) / "decoder.pt", last_eval.get("result"),
+                                         names)
+            report = {"step": step, "val_top1": metrics.get("val_top1", 0.0), **metrics,
+                      "trainable_params": trainer.model.trainable_parameters(), "mlflow_run_id": run_id}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    fit(trainer, train_batches, evaluate=evaluate if val_shard is not None else None,
+        on_log=on_log, on_checkpoint=on_checkpoint, extra_metrics=extra_metrics)
+
+
+def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str]) -> None:
+    from workflows import tracking
+    from workflows.data import decode_failures
+
+    client.log_artifact(run_id, str(decoder_path), "checkpoint")
+    failures = decode_failures()
+    client.log_text(run_id, "\n".join(f"{path}\t{reason}" for path, reason in failures["files"].items()) + "\n",
+                    "skipped_videos.tsv")
+    if result is not None:
+        tracking.log_confusion_matrix(client, run_id, result.confusion, names)
+        client.log_text(run_id, tracking.per_class_csv(result.per_class_accuracy, result.confusion, names),
+                        "per_class_accuracy.csv")
