@@ -41,7 +41,23 @@ def decoder_precision(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.precision
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict[str, Any]:
+def read_deepspeed_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The JSON file `train.deepspeed_config` names, read once by the driver (workers may run elsewhere)."""
+    if not cfg.deepspeed_config:
+        return {}
+    path = Path(cfg.deepspeed_config)
+    try:
+        extra = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"train.deepspeed_config {path}: {e}") from e
+    if not isinstance(extra, dict):
+        raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object")
+    return extra
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DeepSpeed's config from the recipe; `overrides` (default: the `train.deepspeed_config` file) win."""
     precision = decoder_precision(cfg, device)
     ds: dict[str, Any] = {
         "train_batch_size": cfg.batch_size,
@@ -55,14 +71,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) ->
     }
     if cfg.grad_clip:
         ds["gradient_clipping"] = cfg.grad_clip
-    if cfg.deepspeed_config:
-        path = Path(cfg.deepspeed_config)
-        try:
-            extra = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"train.deepspeed_config {path}: {e}") from e
-        ds = _merge(ds, extra)
-    return ds
+    return _merge(ds, read_deepspeed_overrides(cfg) if overrides is None else overrides)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -102,7 +111,8 @@ def init_distributed(device: torch.device) -> None:
 class Trainer:
     """One data-parallel worker: the frozen backbone plus a DeepSpeed engine around decoder and head."""
 
-    def __init__(self, cfg: Config, device: torch.device | str = "cpu"):
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu",
+                 deepspeed_overrides: dict[str, Any] | None = None):
         import deepspeed  # heavy import, only where an engine is built
 
         self.cfg = cfg
@@ -118,7 +128,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(cfg.train))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=classifier, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg.train, self.world_size, self.device))
+            config=deepspeed_config(cfg.train, self.world_size, self.device, deepspeed_overrides))
 
     @property
     def step(self) -> int:

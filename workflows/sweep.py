@@ -155,7 +155,8 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
     ensure_ray(address)
     trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
                                      parent_run_id=parent_run_id)
-    trainable = tune.with_resources(trainable, {"CPU": 0})  # the trial driver only waits; its workers hold resources
+    # The trial function only waits on its TorchTrainer; the trainer's workers and decode actors hold the CPUs/GPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
     else:

@@ -69,7 +69,7 @@ class TrainResult:
 def preflight(cfg: Config) -> None:
     from evl.checkpoint import CheckpointError  # noqa: F401  (import check of the model stack)
     from evl.model import resolve_model_config
-    from evl.training import gradient_accumulation_steps
+    from evl.training import gradient_accumulation_steps, read_deepspeed_overrides
 
     resolve_model_config(cfg.model)
     gradient_accumulation_steps(cfg.train, cfg.scaling.num_workers)
@@ -79,8 +79,7 @@ def preflight(cfg: Config) -> None:
         path = getattr(cfg.data, key)
         if path and "://" not in path and not Path(path).is_file():
             raise ConfigError(f"data.{key}: {path} does not exist")
-    if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
-        raise ConfigError(f"train.deepspeed_config: {cfg.train.deepspeed_config} does not exist")
+    read_deepspeed_overrides(cfg.train)
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -131,6 +130,8 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from evl.backbone import backbone_spec
+    from evl.training import read_deepspeed_overrides
     from workflows import tracking
     from workflows.data import eval_dataset, train_dataset
     from workflows.runtime import ensure_ray
@@ -138,7 +139,6 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
     start = time.perf_counter()
     preflight(cfg)
     names = class_names(cfg)
-    from evl.backbone import backbone_spec
     image_size = backbone_spec(cfg.model.backbone).image_size
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
@@ -164,7 +164,8 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
         datasets["val"] = eval_dataset(cfg, image_size, cfg.data.val_manifest)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "class_names": names},
+        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "class_names": names,
+                           "deepspeed_overrides": read_deepspeed_overrides(cfg.train)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}),
@@ -228,7 +229,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     cfg = from_dict(Config, loop_cfg["config"])
     run_id, uri, names = loop_cfg["run_id"], loop_cfg["tracking_uri"], loop_cfg["class_names"]
     rank = ray.train.get_context().get_world_rank()
-    trainer = Trainer(cfg, ray.train.torch.get_device())
+    trainer = Trainer(cfg, ray.train.torch.get_device(), loop_cfg["deepspeed_overrides"])
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as directory:
