@@ -1,4 +1,4 @@
-"""Offline checks of the cluster deployment files (ray_cluster.yaml, cluster/, cluster/kuberay/, cluster/README.md).
+"""Offline checks of the cluster deployment files (ray_cluster.yaml, cluster/, cluster/kuberay/, README.md's cluster section).
 
 Nothing here reaches AWS, Kubernetes or a registry. Each file goes through the parser or validator of the tool
 that consumes it (Ray's cluster-config schema, Ray's own RayCluster translation, Ray's runtime-env and packaging
@@ -27,6 +27,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 IMAGE_HOME = "/home/ray"  # HOME of rayproject/ray images; the launcher maps "~/" in mounts to it
+
+
+def cluster_section() -> str:
+    """README.md's "Run on a cluster" section, up to the next top-level heading."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Run on a cluster")
+    end = readme.find("\n## ", start + 1)
+    return readme[start:end if end != -1 else None]
 
 
 def _yaml(path: Path):
@@ -211,8 +219,8 @@ def test_token_reaches_every_ray_process(launcher):
     script = (CLUSTER / "mlflow_server.sh").read_text()
     env_file = re.search(r'env_file="\$\{EVL_MLFLOW_ENV_FILE:-\$HOME/([^}]+)\}"', script).group(1)
     assert any(f"{IMAGE_HOME}/{env_file}".startswith(dest + "/") for dest in mounts.values()), env_file
-    # The laptop side of the mount is the directory cluster/README.md has users create.
-    readme = (CLUSTER / "README.md").read_text()
+    # The laptop side of the mount is the directory README.md's cluster section has users create.
+    readme = cluster_section()
     for local in launcher["file_mounts"].values():
         assert f"mkdir -p {local}" in readme and f"{local}/auth_token" in readme
 
@@ -360,7 +368,7 @@ def test_kuberay_raycluster(kuberay, launcher):
         _check_auth_env(container["env"])
     _check_auth_env(manifest["spec"]["autoscalerOptions"]["env"])  # the autoscaler is a GCS client too
     # The README's port-forward names KubeRay's head service, <cluster name>-head-svc.
-    assert f"svc/{manifest['metadata']['name']}-head-svc" in (CLUSTER / "README.md").read_text()
+    assert f"svc/{manifest['metadata']['name']}-head-svc" in cluster_section()
 
 
 def test_kuberay_rayjob(kuberay, launcher, dockerfile):
@@ -577,12 +585,12 @@ def test_aws_iam_script_creates_a_profile_nodes_can_use(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# cluster/README.md: every command refers to files that exist and parses with the tool it calls
+# README.md's cluster section: every command refers to files that exist and parses with the tool it calls
 
 
 def _readme_commands() -> list[list[str]]:
     """Each shell command in the README's bash blocks, split into words; $(...) bodies become commands too."""
-    text = (CLUSTER / "README.md").read_text()
+    text = cluster_section()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -702,8 +710,8 @@ def test_readme_commands_name_existing_files_and_parse(launcher):
 
 
 def test_readme_covers_every_shipped_file():
-    readme = (CLUSTER / "README.md").read_text()
+    readme = cluster_section()
     shipped = [p.relative_to(ROOT).as_posix() for p in CLUSTER.rglob("*")
                if p.is_file() and p.name not in ("README.md", "Dockerfile.dockerignore")]
     for rel in ["ray_cluster.yaml", *shipped]:
-        assert rel in readme or Path(rel).name in readme, f"cluster/README.md does not mention {rel}"
+        assert rel in readme or Path(rel).name in readme, f"README.md's cluster section does not mention {rel}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 from evl.config import Config, ConfigError, dump_yaml, from_dict, load_config
 
 RUN_ID_FILE = "mlflow_run_id"
+log = logging.getLogger("evl.train")  # in workers, Ray Train routes logging to the driver's console once
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +129,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
           callbacks: list | None = None) -> TrainResult:
     """Run one training job and return where everything went. `parent_run_id` nests the MLflow run (sweeps);
     `callbacks` are Ray Train callbacks (a sweep passes Tune's report callback)."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -159,6 +162,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
             (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     ensure_ray(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop reports progress itself
     datasets = {"train": train_dataset(cfg, image_size)}
     if cfg.data.val_manifest:
         datasets["val"] = eval_dataset(cfg, image_size, cfg.data.val_manifest)
@@ -256,12 +260,12 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             return
         tracking.log_metrics(client, run_id, step, metrics)
         if "loss" in metrics:
-            print(f"step {step}/{cfg.train.num_steps} loss {metrics['loss']:.4f} "
+            log.info(f"step {step}/{cfg.train.num_steps} loss {metrics['loss']:.4f} "
                   f"top1 {metrics['train_top1']:.3f} lr {metrics['lr']:.2e} "
                   f"{metrics['clips_per_s'] * trainer.world_size:.1f} clips/s "
-                  f"data wait {metrics['data_wait_frac']:.0%} ETA {metrics['eta_s']:.0f} s", flush=True)
+                  f"data wait {metrics['data_wait_frac']:.0%} ETA {metrics['eta_s']:.0f} s")
         else:
-            print(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+            log.info(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def extra_metrics() -> dict[str, float]:
         return {"decode_failures": float(decode_failures()["total"])} if rank == 0 else {}
