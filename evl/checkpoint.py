@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from evl.config import ConfigError, ModelConfig, from_dict, to_dict
+from evl.config import ModelConfig, from_dict, to_dict
 
 FORMAT = "evl-classifier"
 VERSION = 1
@@ -36,7 +36,7 @@ _PROJECT_KEYS = [(re.compile(p), r) for p, r in _REFERENCE_KEYS]
 _REFERENCE_BACKBONES = {(768, 729): "ViT-B-16", (1024, 961): "ViT-L-14", (1024, 2209): "ViT-L-14-336"}
 
 # Config fields that change what the checkpoint's tensors mean; a mismatch in any of them is refused.
-_STRUCTURAL = ("backbone", "num_frames", "num_classes", "decoder_num_layers", "decoder_qkv_dim",
+STRUCTURAL_FIELDS = ("backbone", "num_frames", "num_classes", "decoder_num_layers", "decoder_qkv_dim",
                "decoder_num_heads", "decoder_mlp_factor", "temporal_conv", "temporal_pos_embed",
                "temporal_cross_attention")
 
@@ -127,7 +127,7 @@ def _infer_reference_config(state: dict[str, torch.Tensor], source: str) -> Mode
 def check_compatible(ckpt: Checkpoint, model_cfg: ModelConfig, backbone_weights: str | None) -> None:
     """Refuse a checkpoint made for another configuration, naming every difference."""
     problems = [f"{name}: checkpoint has {getattr(ckpt.model, name)!r}, model has {getattr(model_cfg, name)!r}"
-                for name in _STRUCTURAL
+                for name in STRUCTURAL_FIELDS
                 if _norm(name, getattr(ckpt.model, name)) != _norm(name, getattr(model_cfg, name))]
     if ckpt.backbone_weights and backbone_weights and ckpt.backbone_weights != backbone_weights:
         problems.append(f"backbone weights: checkpoint was trained on {ckpt.backbone_weights}, "

@@ -130,6 +130,10 @@ class Trainer:
             model=classifier, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg.train, self.world_size, self.device, deepspeed_overrides))
 
+    def close(self) -> None:
+        """Free the engine (decoder, optimizer state, buffers): needed when one process builds several."""
+        self.engine.destroy()
+
     @property
     def step(self) -> int:
         """Optimizer steps taken (micro-batches / accumulation steps)."""

@@ -17,3 +17,34 @@ def tiny_model_config():
     from evl.config import ModelConfig
 
     return ModelConfig(backbone="EVL-Tiny", pretrained=None, num_frames=4, num_classes=5, decoder_num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 3-class synthetic set of real h264 videos (32 px, 16 frames; 4 train + 2 val per class) with the
+    manifests `evl prepare` writes, probed on a short-lived local Ray."""
+    import ray
+
+    from evl.video.synth import SynthParams, write_synth_dataset
+    from workflows.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("tiny-synth")
+    write_synth_dataset(root, SynthParams(num_classes=3, train_per_class=4, val_per_class=2, width=32, height=32,
+                                          frames=16))
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        prepare_dataset(str(root), str(root / "manifests"))
+    finally:
+        ray.shutdown()
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with room for 2 train workers, decode actors and a Tune trial on this small machine."""
+    import ray
+
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # workers inherit it: samples in short runs
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()

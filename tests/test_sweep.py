@@ -11,26 +11,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
-from evl.video.synth import SynthParams, write_synth_dataset
-from workflows.prepare import prepare_dataset
 from workflows.sweep import sweep, trial_points
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    write_synth_dataset(root, SynthParams(num_classes=3, train_per_class=4, val_per_class=2, width=32, height=32,
-                                          frames=16))
-    ray.init(num_cpus=4, include_dashboard=False)
-    prepare_dataset(str(root), str(root / "manifests"))
-    yield root
-    ray.shutdown()
+def dataset(tiny_dataset, local_ray):
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")

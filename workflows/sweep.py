@@ -11,11 +11,13 @@ import argparse
 import csv
 import io
 import itertools
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from evl.config import Config, ConfigError, SweepConfig, apply_overrides, dump_yaml, from_dict, read_yaml
+from workflows.storage import read_text, write_bytes
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TABLE_COLUMNS = ("num_frames", "decoder_num_layers", "lr", "temporal", "status", "val_top1", "val_top5",
@@ -130,8 +132,8 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
     scfg, base = load_sweep(path, overrides)
     storage_root = scfg.storage_path or base.scaling.storage_path
     storage_root = storage_root if "://" in storage_root else str(Path(storage_root).resolve())
-    sweep_dir = Path(storage_root) / scfg.name
-    trials_storage = str(sweep_dir / "trials")
+    sweep_dir = f"{storage_root}/{scfg.name}"  # local path or URI: Tune state, trials, summary
+    trials_storage = f"{sweep_dir}/trials"
     base_dict = base.to_dict()
     points = trial_points(scfg)
     for point in points:  # every trial's config is checked before anything starts
@@ -140,17 +142,16 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
         preflight(cfg)
 
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
-    parent_file = sweep_dir / PARENT_RUN_FILE
+    parent_file = f"{sweep_dir}/{PARENT_RUN_FILE}"
     if resume:
-        if not parent_file.is_file() or not tune.Tuner.can_restore(str(sweep_dir)):
+        parent_run_id = (read_text(parent_file) or "").strip()
+        if not parent_run_id or not tune.Tuner.can_restore(sweep_dir):
             raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
-        parent_run_id = parent_file.read_text().strip()
     else:
         params = {f"sweep.{k}": v for k, v in scfg.__dict__.items()}
         parent_run_id = tracking.start_run(uri, base.tracking.experiment, scfg.name, params, dump_yaml(base),
                                            tags={"evl.sweep": scfg.name})
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        parent_file.write_text(parent_run_id)
+        write_bytes(parent_file, parent_run_id.encode())
 
     ensure_ray(address)
     trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
@@ -158,7 +159,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
     # The trial function only waits on its TorchTrainer; the trainer's workers and decode actors hold the CPUs/GPUs.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
     if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
     else:
         if scfg.search == "grid":
             space = {"point": tune.grid_search(points)}
@@ -180,7 +181,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
 
     rows = [_row(r, base) for r in grid]
     rows.sort(key=lambda r: (r["num_frames"], r["decoder_num_layers"], r["lr"], r["temporal"]))
-    result = SweepResult(rows, str(sweep_dir / "summary.csv"), str(sweep_dir / "heatmap.png"), parent_run_id)
+    result = SweepResult(rows, f"{sweep_dir}/summary.csv", f"{sweep_dir}/heatmap.png", parent_run_id)
     _write_summary(result, scfg, uri)
     any_ok = any(r["status"] == "finished" for r in rows)
     tracking.end_run(uri, parent_run_id, "FINISHED" if any_ok else "FAILED")
@@ -223,11 +224,14 @@ def _write_summary(result: SweepResult, scfg: SweepConfig, uri: str) -> None:
     writer.writeheader()
     for row in result.rows:
         writer.writerow({k: row.get(k) for k in TABLE_COLUMNS})
-    Path(result.csv_path).write_text(out.getvalue())
-    _heatmap(result, scfg, result.heatmap_path)
+    png = _heatmap(result, scfg)
+    write_bytes(result.csv_path, out.getvalue().encode())
+    write_bytes(result.heatmap_path, png)
     client = MlflowClient(uri)
-    client.log_artifact(result.parent_run_id, result.csv_path)
-    client.log_artifact(result.parent_run_id, result.heatmap_path)
+    client.log_text(result.parent_run_id, out.getvalue(), "summary.csv")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "heatmap.png").write_bytes(png)
+        client.log_artifact(result.parent_run_id, str(Path(tmp) / "heatmap.png"))
     client.log_text(result.parent_run_id, result.table_text() + "\n" + result.best_text() + "\n", "summary.txt")
     best = result.best()
     if best is not None:
@@ -235,7 +239,8 @@ def _write_summary(result: SweepResult, scfg: SweepConfig, uri: str) -> None:
         client.set_tag(result.parent_run_id, "best_trial", f"f{best['num_frames']}-d{best['decoder_num_layers']}")
 
 
-def _heatmap(result: SweepResult, scfg: SweepConfig, path: str) -> None:
+def _heatmap(result: SweepResult, scfg: SweepConfig) -> bytes:
+    """frames x depth -> best validation top-1, as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,5 +266,7 @@ def _heatmap(result: SweepResult, scfg: SweepConfig, path: str) -> None:
                     color="w")
     fig.colorbar(image)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    return buffer.getvalue()

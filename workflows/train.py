@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evl.config import Config, ConfigError, dump_yaml, from_dict, load_config
+from workflows.storage import filesystem, read_text, write_text
 
 RUN_ID_FILE = "mlflow_run_id"
 log = logging.getLogger("evl.train")  # in workers, Ray Train routes logging to the driver's console once
@@ -111,12 +112,17 @@ def _run_name(cfg: Config, resume: str | None) -> str:
     if resume and resume != "latest":
         return resume
     if resume == "latest":
-        root = Path(_storage(cfg))
-        runs = sorted((p for p in root.glob(f"{cfg.name}-*") if (p / RUN_ID_FILE).is_file()),
-                      key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        import pyarrow.fs
+
+        fs, root = filesystem(_storage(cfg))
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+        runs = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory
+                       and i.base_name.startswith(f"{cfg.name}-")
+                       and read_text(f"{_storage(cfg)}/{i.base_name}/{RUN_ID_FILE}") is not None),
+                      key=lambda i: i.mtime_ns or 0)
         if not runs:
-            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {root}")
-        return runs[-1].name
+            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {_storage(cfg)}")
+        return runs[-1].base_name
     return cfg.tracking.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
@@ -146,20 +152,18 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
 
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     storage, run_name = _storage(cfg), _run_name(cfg, resume)
-    run_dir = Path(storage) / run_name
+    run_dir = f"{storage}/{run_name}"
     if resume:
-        if not (run_dir / RUN_ID_FILE).is_file():
-            raise ConfigError(f"--resume {run_name}: no run directory {run_dir}")
-        run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+        run_id = (read_text(f"{run_dir}/{RUN_ID_FILE}") or "").strip()
+        if not run_id:
+            raise ConfigError(f"--resume {run_name}: no run in {run_dir}")
         _check_resumable(cfg, run_dir)
     else:
         run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
                                     {**cfg.flat(), **(extra_params or {})}, dump_yaml(cfg),
-                                    tags={"evl.run_dir": str(run_dir)}, parent_run_id=parent_run_id)
-        if "://" not in storage:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / RUN_ID_FILE).write_text(run_id)
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+                                    tags={"evl.run_dir": run_dir}, parent_run_id=parent_run_id)
+        write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
+        write_text(f"{run_dir}/config.yaml", dump_yaml(cfg))
 
     ensure_ray(address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop reports progress itself
@@ -190,7 +194,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     best = _best_checkpoint(result)
-    return TrainResult(run_name=run_name, run_dir=str(run_dir), mlflow_run_id=run_id, tracking_uri=uri,
+    return TrainResult(run_name=run_name, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=uri,
                        metrics=dict(result.metrics or {}), checkpoint_dir=best,
                        wall_s=time.perf_counter() - start)
 
@@ -201,19 +205,21 @@ def _best_checkpoint(result) -> str | None:
     return result.checkpoint.path if result.checkpoint else None
 
 
-def _check_resumable(cfg: Config, run_dir: Path) -> None:
+def _check_resumable(cfg: Config, run_dir: str) -> None:
     """Refuse to resume a run with another model configuration before any worker starts."""
-    from evl.checkpoint import _STRUCTURAL
-
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return
     import yaml
-    saved = from_dict(Config, yaml.safe_load(saved_path.read_text())).model
+
+    from evl.checkpoint import STRUCTURAL_FIELDS
+
+    text = read_text(f"{run_dir}/config.yaml")
+    if text is None:
+        return
+    saved = from_dict(Config, yaml.safe_load(text)).model
     diffs = [f"{k}: run has {getattr(saved, k)!r}, config has {getattr(cfg.model, k)!r}"
-             for k in (*_STRUCTURAL, "pretrained", "backbone_seed") if getattr(saved, k) != getattr(cfg.model, k)]
+             for k in (*STRUCTURAL_FIELDS, "pretrained", "backbone_seed")
+             if getattr(saved, k) != getattr(cfg.model, k)]
     if diffs:
-        raise ConfigError(f"cannot resume {run_dir.name} with another model configuration:\n  " + "\n  ".join(diffs))
+        raise ConfigError(f"cannot resume {run_dir} with another model configuration:\n  " + "\n  ".join(diffs))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -238,7 +244,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     if restored:
         with restored.as_directory() as directory:
             trainer.load(directory)
-    client = MlflowClient(uri) if rank == 0 else None
+    client = None
+    if rank == 0:
+        import mlflow
+
+        client = MlflowClient(uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)  # CPU/GPU/memory of this node, every 10 s
     micro = cfg.train.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_manifest else None
@@ -288,6 +300,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     fit(trainer, train_batches, evaluate=evaluate if val_shard is not None else None,
         on_log=on_log, on_checkpoint=on_checkpoint, extra_metrics=extra_metrics)
+    if rank == 0:
+        mlflow.end_run()  # stops the system-metrics thread; the driver sets the run's final status
 
 
 def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str]) -> None:
