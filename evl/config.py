@@ -69,11 +69,13 @@ class DataConfig:
     decode_batch_size: int = 4  # videos per decode call
     decode_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"decode_node": 0.001}
     max_train_videos: int | None = None  # subset for quick runs
+    passes_per_epoch: int = 1  # manifest passes (each reshuffled) per Ray Data epoch; >1 keeps the decode
+    # actors alive across passes instead of restarting them (seconds each) -- worth it for small datasets
 
     def validate(self) -> None:
         if self.sampling_rate == 0:
             raise ConfigError("data.sampling_rate must be non-zero (negative selects segment sampling)")
-        _positive(self, "num_temporal_views", "decode_batch_size")
+        _positive(self, "num_temporal_views", "decode_batch_size", "passes_per_epoch")
         _positive_or_none(self, "decode_short_side", "decode_workers", "max_train_videos")
         if self.num_spatial_views not in (1, 3):
             raise ConfigError(f"data.num_spatial_views must be 1 or 3, got {self.num_spatial_views}")

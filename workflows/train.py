@@ -185,7 +185,9 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        # Train shards are equal so every worker takes the same number of steps; the validation set is not
+        # split (an equal split would drop views), rank 0 reads all of it.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
         result = trainer.fit()
@@ -262,7 +264,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
 
     def evaluate() -> dict[str, float]:
-        views = trainer.gather_views(trainer.evaluate(val_shard.iter_torch_batches(batch_size=micro)))
+        batches = val_shard.iter_torch_batches(batch_size=micro) if rank == 0 else []
+        views = trainer.gather_views(trainer.evaluate(batches))
         result = views.result()
         last_eval["result"] = result
         return result.metrics()

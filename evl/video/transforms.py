@@ -1,0 +1,169 @@
+"""Clip augmentation (train) and view cropping (test), all on uint8, plus CLIP normalisation.
+
+Clips stay uint8 until the model normalises them on its device: that keeps the data pipeline's memory and
+transfer cost at a quarter of float32. Train: timm RandAugment with the same operations and magnitudes on
+every frame, then one RandomResizedCrop box for all frames. Test: short side resized to the input size,
+then one centre crop or three crops along the long side.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+from torchvision.transforms import InterpolationMode
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(clip: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 (or 0..255 float) [..., 3, H, W] -> (x / 255 - mean) / std, on the clip's device.
+
+    dtype: output dtype; default float32 for integer input, else the input's dtype.
+    """
+    if dtype is None:
+        dtype = clip.dtype if clip.is_floating_point() else torch.float32
+    shape = (3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=clip.device, dtype=torch.float32).view(shape) * 255
+    inv_std = 1 / (torch.tensor(CLIP_STD, device=clip.device, dtype=torch.float32).view(shape) * 255)
+    return ((clip.to(torch.float32) - mean) * inv_std).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RandAugment, one draw per clip
+
+
+class ClipRandAugment:
+    """timm's RandAugment applied identically to every frame of a clip.
+
+    timm draws the op list from numpy's global RNG and each op's apply/skip, magnitude noise, sign and
+    resampling filter from Python's global `random`. Here the op list is drawn from the caller's Generator
+    and, for each op, Python's `random` is re-seeded with the same value before every frame, so all frames
+    see the same decisions. The caller's `random` state is restored afterwards.
+    """
+
+    def __init__(self, spec: str, image_size: int, mean: tuple[float, float, float] = CLIP_MEAN):
+        hparams = {
+            "translate_const": int(image_size * 0.45),
+            "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+            "interpolation": Image.BILINEAR,
+        }
+        self.spec = spec
+        self.augment = rand_augment_transform(spec, hparams)
+
+    def draw(self, rng: np.random.Generator) -> list[tuple[object, int]]:
+        """The (op, seed) pairs for one clip."""
+        ra = self.augment
+        weights = ra.choice_weights
+        picks = rng.choice(len(ra.ops), ra.num_layers, replace=weights is None, p=weights)
+        return [(ra.ops[i], int(rng.integers(2**63))) for i in picks]
+
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """uint8 [T, H, W, 3] -> uint8 [T, H, W, 3]."""
+        plan = self.draw(rng)
+        saved = random.getstate()
+        try:
+            images = [Image.fromarray(f) for f in frames]
+            for op, seed in plan:
+                for i, image in enumerate(images):
+                    random.seed(seed)
+                    images[i] = op(image)
+        finally:
+            random.setstate(saved)
+        return np.stack([np.asarray(image) for image in images])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crops
+
+
+def sample_crop_box(height: int, width: int, rng: np.random.Generator,
+                    scale: tuple[float, float] = (0.08, 1.0),
+                    ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (top, left, h, w): area fraction in `scale`, log-uniform aspect in `ratio`.
+
+    Ten tries, then the largest centred box with an aspect inside `ratio` (torchvision's rule), drawn from
+    the caller's Generator so a seed reproduces the crop.
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_tchw(frames: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] numpy -> uint8 [T, 3, H, W] torch view (channels-last memory: fast resizes)."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+
+
+class TrainTransform:
+    """Frames [T, H, W, 3] uint8 -> augmented clip [T, 3, S, S] uint8 (RandAugment, then RandomResizedCrop)."""
+
+    def __init__(self, image_size: int, rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1",
+                 scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.image_size = image_size
+        self.rand_augment = ClipRandAugment(rand_augment, image_size) if rand_augment else None
+        self.scale, self.ratio = scale, ratio
+
+    def __call__(self, frames: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        if self.rand_augment is not None:
+            frames = self.rand_augment(frames, rng)
+        clip = _to_tchw(frames)  # [T, 3, H, W]
+        top, left, h, w = sample_crop_box(clip.shape[-2], clip.shape[-1], rng, self.scale, self.ratio)
+        out = F.resized_crop(clip, top, left, h, w, [self.image_size, self.image_size],
+                             interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return out.contiguous()  # [T, 3, S, S]
+
+
+def resize_short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., 3, H, W] with the short side resized to `size` (bilinear, antialiased), aspect kept."""
+    h, w = clip.shape[-2:]
+    if min(h, w) == size:
+        return clip
+    if h <= w:
+        new = [size, max(size, round(w * size / h))]
+    else:
+        new = [max(size, round(h * size / w)), size]
+    return F.resize(clip, new, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+def spatial_crops(clip: torch.Tensor, size: int, num_views: int) -> torch.Tensor:
+    """[T, 3, H, W] with min(H, W) == size -> [V, T, 3, size, size]: centre (V=1) or start/centre/end
+    of the long side (V=3)."""
+    if num_views not in (1, 3):
+        raise ValueError(f"num_views must be 1 or 3, got {num_views}")
+    h, w = clip.shape[-2:]
+    long_is_width = w >= h
+    extra = (w if long_is_width else h) - size
+    offsets = [extra // 2] if num_views == 1 else [0, extra // 2, extra]
+    other = ((h if long_is_width else w) - size) // 2
+    views = []
+    for offset in offsets:
+        top, left = (other, offset) if long_is_width else (offset, other)
+        views.append(F.crop(clip, top, left, size, size))
+    return torch.stack(views).contiguous()
+
+
+def test_views(frames: np.ndarray, image_size: int, num_spatial_views: int) -> torch.Tensor:
+    """Frames [T, H, W, 3] uint8 -> spatial views [V, T, 3, S, S] uint8."""
+    clip = resize_short_side(_to_tchw(frames), image_size)
+    return spatial_crops(clip, image_size, num_spatial_views)

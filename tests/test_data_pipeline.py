@@ -1,0 +1,142 @@
+"""The Ray Data pipeline feeding a real two-worker Ray Train V2 TorchTrainer, and the eval views."""
+
+import pickle
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from evl.config import Config
+from evl.video.decode import probe
+from evl.video.kinetics import cvdf_split, find_videos, write_manifest
+from evl.video.synth import SYNTH_CLASSES
+from tests.data_helpers import ray_session, report_shards_loop, small_synth, write_bad_videos
+
+NUM_FRAMES, IMAGE = 4, 32
+CLASSES = sorted(SYNTH_CLASSES[:4])
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    with ray_session() as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    """train: 20 good videos + 1 truncated one (to be dropped and counted); val: 8 videos."""
+    root = tmp_path_factory.mktemp("pipeline")
+    small_synth(root, classes=4, train=5, val=2, frames=24, size=40)
+    videos = find_videos(str(root))
+    out = {}
+    for split in ("train", "val"):
+        entries = cvdf_split(str(root / "annotations" / f"{split}.csv"), videos, CLASSES).entries
+        rows = [{**e.__dict__, **probe(e.path).__dict__} for e in entries]
+        out[split] = str(root / f"{split}.parquet")
+        if split == "train":
+            broken = write_bad_videos(root / "bad")["truncated"]
+            rows.append({**rows[0], "path": broken})
+        write_manifest(rows, out[split], classes=CLASSES)
+    return out
+
+
+def config(manifests, **data) -> Config:
+    cfg = Config()
+    cfg.model.num_frames = NUM_FRAMES
+    cfg.data.train_manifest = manifests["train"]
+    cfg.data.val_manifest = manifests["val"]
+    cfg.data.sampling_rate = 4
+    cfg.scaling.num_workers = 2
+    cfg.scaling.cpus_per_worker = 0.25
+    for key, value in data.items():
+        setattr(cfg.data, key, value)
+    return cfg.validate()
+
+
+def test_two_train_workers_get_equal_batches_of_valid_clips(ray_local, manifests, tmp_path):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from workflows.data import decode_failures, reset_decode_failures, train_dataset
+
+    cfg = config(manifests, passes_per_epoch=2)  # one actor pool for two reshuffled passes
+    dataset = train_dataset(cfg, IMAGE)
+    reset_decode_failures()
+    trainer = TorchTrainer(
+        report_shards_loop,  # lives in an importable module: Ray workers cannot import test files
+        train_loop_config={"epochs": 1},  # each epoch restarts the decode actors: ~20 s on a busy 2-core box
+        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.25}),
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="pipeline"),
+        datasets={"train": dataset},
+    )
+    metrics = trainer.fit().metrics
+    workers = metrics["workers"]  # [worker][epoch] -> what it saw
+    assert len(workers) == 2
+    counts = [w[0]["batches"] for w in workers]
+    assert counts[0] == counts[1] == 10  # 2 passes x 20 decodable clips, equal split, batches of 2
+    for w in workers:
+        assert w[0]["shapes"] == [(2, NUM_FRAMES, 3, IMAGE, IMAGE)]
+        assert w[0]["dtypes"] == [("torch.uint8", "torch.int64")]
+        assert all(0 <= label < len(CLASSES) for label in w[0]["labels"])
+    assert Counter(workers[0][0]["labels"] + workers[1][0]["labels"]) == {i: 10 for i in range(4)}
+    failures = metrics["failures"]
+    assert failures["total"] == 2 and failures["by_dataset"] == {"train": 2}  # the broken video, each pass
+    assert list(failures["files"]) == [manifests["train"].replace("train.parquet", "bad/truncated.mp4")]
+    assert decode_failures()["total"] == 2  # the driver sees the same counts
+
+
+def test_every_execution_draws_a_new_shuffle(manifests):
+    """Ray Data plans (get_read_tasks) per execution = per epoch, so each epoch gets its own order."""
+    from evl.video.kinetics import read_manifest
+    from workflows.data import TableSource
+
+    table = read_manifest(manifests["train"])
+    source = TableSource(table, rows_per_block=4, shuffle=True)
+
+    def order():
+        return [p for task in source.get_read_tasks(1) for block in task() for p in block.column("path").to_pylist()]
+
+    first, second = order(), order()
+    assert sorted(first) == sorted(second) == sorted(table.column("path").to_pylist())
+    assert first != second
+    assert [sum(len(b) for b in t()) for t in source.get_read_tasks(1)] == [4, 4, 4, 4, 4, 1]
+    big = pa.table({"path": [f"/videos/{i:08d}.mp4" for i in range(50_000)], "label": np.arange(50_000)})
+    task = TableSource(big, rows_per_block=64, shuffle=True).get_read_tasks(1)[0]
+    assert len(pickle.dumps(task)) < 20_000  # each task carries its rows, not the whole manifest
+    passes = [p for t in TableSource(table, 4, shuffle=True, passes=3).get_read_tasks(1) for b in t()
+              for p in b.column("path").to_pylist()]
+    thirds = [passes[i * table.num_rows:(i + 1) * table.num_rows] for i in range(3)]
+    assert all(sorted(third) == sorted(first) for third in thirds) and thirds[0] != thirds[1]
+    fixed = TableSource(table, rows_per_block=8, shuffle=False)
+    assert [p for t in fixed.get_read_tasks(1) for b in t() for p in b.column("path").to_pylist()] == \
+        table.column("path").to_pylist()
+
+
+def test_eval_dataset_yields_every_view_of_every_video(ray_local, manifests):
+    from evl.video.kinetics import read_manifest
+    from workflows.data import eval_dataset
+
+    cfg = config(manifests, num_temporal_views=2, num_spatial_views=3)
+    rows = eval_dataset(cfg, IMAGE, manifests["val"]).take_all()
+    labels = read_manifest(manifests["val"]).column("label").to_pylist()
+    assert len(rows) == 8 * 6
+    views = {}
+    for row in rows:
+        assert row["clip"].shape == (NUM_FRAMES, 3, IMAGE, IMAGE) and row["clip"].dtype == np.uint8
+        assert row["label"] == labels[row["video"]]
+        views.setdefault(int(row["video"]), set()).add(int(row["view"]))
+    assert views == {v: set(range(6)) for v in range(8)}
+
+
+def test_pool_size_and_subset(ray_local, manifests):
+    from workflows.data import _subset, decode_pool_size
+    from evl.video.kinetics import read_manifest
+
+    assert decode_pool_size(config(manifests, decode_workers=3)) == 3
+    assert decode_pool_size(config(manifests)) == 1  # 2 CPUs - 2 trainers x 0.25, at least 1
+    assert decode_pool_size(config(manifests, decode_resources={"decode_node": 0.001})) == 1  # no such node
+    table = read_manifest(manifests["train"])
+    subset = _subset(table, 8, seed=0)
+    assert subset.num_rows == 8 and len(set(subset.column("label").to_pylist())) > 1
+    assert _subset(table, 8, seed=0).equals(subset)

@@ -1,0 +1,357 @@
+"""Ray Data pipelines that turn a manifest into clips for Ray Train.
+
+train_dataset: manifest rows -> random shuffle (re-drawn every epoch) -> decode + augment on a pool of
+CPU actors -> rows {"clip": uint8 [T, 3, S, S], "label": int64}.
+eval_dataset: every test view of every video -> rows {"clip", "label", "video", "view"}.
+
+Clips stay uint8 (the model normalises on its device) and move in blocks of `data.decode_batch_size`
+clips, so the object store holds a few MB per block in flight. Videos that fail to decode are dropped,
+counted in a named actor (`decode_failures()`), and never stop the job.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from evl.config import Config
+from evl.video.decode import VideoError
+from evl.video.kinetics import read_manifest
+
+STATS_NAME = "evl_decode_stats"
+STATS_NAMESPACE = "evl"
+MAX_LISTED_FAILURES = 1000
+_INPUT_COLUMNS = ["path", "label", "num_frames", "width", "height"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Failure counting
+
+
+@ray.remote(num_cpus=0)
+class DecodeStats:
+    """Counts of videos that could not be decoded, per dataset, and which files (bounded)."""
+
+    def __init__(self, max_files: int = MAX_LISTED_FAILURES):
+        self.max_files = max_files
+        self.reset()
+
+    def reset(self) -> None:
+        self.total = 0
+        self.by_dataset: dict[str, int] = {}
+        self.files: dict[str, str] = {}
+        self.unlisted = 0
+
+    def record(self, dataset: str, failures: list[tuple[str, str]]) -> None:
+        self.total += len(failures)
+        self.by_dataset[dataset] = self.by_dataset.get(dataset, 0) + len(failures)
+        for path, reason in failures:
+            if path in self.files or len(self.files) < self.max_files:
+                self.files[path] = reason
+            else:
+                self.unlisted += 1
+
+    def summary(self) -> dict:
+        return {"total": self.total, "by_dataset": dict(self.by_dataset), "files": dict(self.files),
+                "unlisted": self.unlisted}
+
+
+_owned_stats = None  # the creating process keeps a handle: Ray destroys an actor once no handle is left
+
+
+def _stats_actor(create: bool = True):
+    """The one DecodeStats actor of this Ray cluster, in a fixed namespace (whatever the job's namespace).
+
+    Created by the driver when it builds a dataset, and kept alive by a handle held here for as long as
+    that process lives; decode actors and trainers look it up by name.
+    """
+    global _owned_stats
+    try:
+        return ray.get_actor(STATS_NAME, namespace=STATS_NAMESPACE)
+    except ValueError:
+        if not create:
+            return None
+    _owned_stats = DecodeStats.options(name=STATS_NAME, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
+    return _owned_stats
+
+
+def decode_failures() -> dict:
+    """{"total": int, "by_dataset": {"train": n, ...}, "files": {path: reason} (at most 1000), "unlisted": int}.
+
+    Callable from the driver or any Ray worker (e.g. the trainer's rank 0, for a metric).
+    """
+    actor = _stats_actor(create=False) if ray.is_initialized() else None
+    if actor is None:
+        return {"total": 0, "by_dataset": {}, "files": {}, "unlisted": 0}
+    return ray.get(actor.summary.remote())
+
+
+def reset_decode_failures() -> None:
+    actor = _stats_actor(create=False) if ray.is_initialized() else None
+    if actor is not None:
+        ray.get(actor.reset.remote())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoding UDFs (one instance per actor)
+
+
+class _Decoder:
+    """Shared set-up: single-threaded torch (one actor = one core) and a handle on the stats actor."""
+
+    dataset = "train"
+
+    def __init__(self, short_side: int | None):
+        import torch
+
+        torch.set_num_threads(1)
+        self.short_side = short_side
+        self.stats = _stats_actor()
+
+    def _report(self, failures: list[tuple[str, str]]) -> None:
+        if failures:
+            self.stats.record.remote(self.dataset, failures)  # fire and forget
+
+    def _frames(self, row: dict, indices: np.ndarray) -> np.ndarray:
+        from evl.video.decode import read_frames
+
+        size = (int(row["width"]), int(row["height"]))
+        return read_frames(row["path"], indices, self.short_side, size=size)  # [N, H, W, 3]
+
+
+def _rows(batch: dict[str, np.ndarray]):
+    keys = list(batch)
+    for values in zip(*(batch[k] for k in keys)):
+        yield dict(zip(keys, values))
+
+
+def _failure(row: dict, error: Exception) -> tuple[str, str]:
+    if isinstance(error, VideoError):
+        return error.path, error.reason
+    return str(row["path"]), f"{type(error).__name__}: {error}"
+
+
+class TrainDecoder(_Decoder):
+    """Manifest rows -> {"clip": uint8 [B, T, 3, S, S], "label": int64 [B]} (B <= rows in)."""
+
+    def __init__(self, num_frames: int, sampling_rate: int, image_size: int, rand_augment: str | None,
+                 scale: tuple[float, float], short_side: int | None, seed: int | None = None):
+        super().__init__(short_side)
+        from evl.video.transforms import TrainTransform
+
+        self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
+        self.transform = TrainTransform(image_size, rand_augment, scale)
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Yields nothing when every video of the batch failed (an empty tensor column cannot go to Arrow)."""
+        from evl.video.sampling import train_indices
+
+        clips, labels, failures = [], [], []
+        for row in _rows(batch):
+            try:
+                indices = train_indices(int(row["num_frames"]), self.num_frames, self.sampling_rate, self.rng)
+                clips.append(self.transform(self._frames(row, indices), self.rng).numpy())
+                labels.append(int(row["label"]))
+            except Exception as e:  # noqa: BLE001 - one bad video must not stop training
+                failures.append(_failure(row, e))
+        self._report(failures)
+        if clips:
+            yield {"clip": np.stack(clips), "label": np.asarray(labels, dtype=np.int64)}
+
+
+class EvalDecoder(_Decoder):
+    """Manifest rows -> every test view: {"clip": uint8 [B*V, T, 3, S, S], "label", "video", "view"}."""
+
+    dataset = "eval"
+
+    def __init__(self, num_frames: int, sampling_rate: int, image_size: int, temporal_views: int,
+                 spatial_views: int):
+        super().__init__(image_size)  # decode straight to the test size: short side = S
+        self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
+        self.temporal_views, self.spatial_views = temporal_views, spatial_views
+
+    def _views(self, row: dict):
+        from evl.video.sampling import test_indices
+        from evl.video.transforms import test_views
+
+        indices = test_indices(int(row["num_frames"]), self.num_frames, self.sampling_rate,
+                               self.temporal_views)  # [Vt, T]
+        frames = self._frames(row, indices.reshape(-1))  # [Vt*T, H, W, 3]
+        per_time = frames.reshape(self.temporal_views, self.num_frames, *frames.shape[1:])
+        return np.concatenate([test_views(f, self.image_size, self.spatial_views).numpy()
+                               for f in per_time])  # [Vt*Vs, T, 3, S, S]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        out = {"clip": [], "label": [], "video": [], "view": []}
+        failures = []
+        for row in _rows(batch):
+            try:
+                views = self._views(row)
+            except Exception as e:  # noqa: BLE001
+                failures.append(_failure(row, e))
+                continue
+            n = len(views)
+            out["clip"].append(views)
+            out["label"].append(np.full(n, row["label"], np.int64))
+            out["video"].append(np.full(n, row["video"], np.int64))
+            out["view"].append(np.arange(n, dtype=np.int64))
+        self._report(failures)
+        if out["clip"]:
+            yield {k: np.concatenate(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the manifest
+
+
+class TableSource(Datasource):
+    """Rows of an in-memory Arrow table as read tasks of `rows_per_block` rows, reshuffled per execution.
+
+    Ray Data plans (and so calls get_read_tasks) at every execution, i.e. every epoch, so `shuffle=True`
+    draws a fresh permutation of all rows each epoch without an all-to-all shuffle stage. A read task only
+    hands over a few rows of metadata, so it asks for no CPU: the decode actors may hold every CPU without
+    starving the reads (with CPU-bound reads or shuffles, a pool holding all CPUs deadlocks).
+    """
+
+    def __init__(self, table: pa.Table, rows_per_block: int, shuffle: bool = False, passes: int = 1):
+        self.table = table
+        self.rows_per_block = max(1, rows_per_block)
+        self.shuffle = shuffle
+        self.passes = passes  # one execution walks the rows this many times, each pass with its own order
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.table.nbytes * self.passes
+
+    def get_name(self) -> str:
+        return "ShuffledManifest" if self.shuffle else "Manifest"
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        n = self.table.num_rows
+        rng = np.random.default_rng()
+        passes = [rng.permutation(n) if self.shuffle else np.arange(n) for _ in range(self.passes)]
+        order = np.concatenate(passes)
+        tasks = []
+        for start in range(0, len(order), self.rows_per_block):
+            # take() copies: a slice would pickle the whole table's buffers into every task
+            chunk = self.table.take(pa.array(order[start:start + self.rows_per_block]))
+            meta = BlockMetadata(num_rows=chunk.num_rows, size_bytes=chunk.nbytes, input_files=None,
+                                 exec_stats=None)
+            tasks.append(ReadTask(functools.partial(_identity_block, chunk), meta, schema=chunk.schema))
+        return tasks
+
+
+def _identity_block(chunk: pa.Table) -> list[pa.Table]:
+    return [chunk]
+
+
+def _read(table: pa.Table, rows_per_block: int, shuffle: bool, passes: int = 1) -> ray.data.Dataset:
+    return ray.data.read_datasource(TableSource(table, rows_per_block, shuffle, passes), num_cpus=0)
+
+
+def _subset(table: pa.Table, limit: int | None, seed: int) -> pa.Table:
+    """A seeded random subset (manifests are sorted by class, so the first rows would be few classes)."""
+    if not limit or limit >= table.num_rows:
+        return table
+    keep = np.sort(np.random.default_rng(seed).choice(table.num_rows, limit, replace=False))
+    return table.take(pa.array(keep))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sizing
+
+
+def decode_pool_size(cfg: Config) -> int:
+    """Decode actors: data.decode_workers, else the CPUs the trainers leave free (at least 1).
+
+    With data.decode_resources set (decode pinned to some nodes), the CPUs of those nodes count.
+    """
+    if cfg.data.decode_workers:
+        return cfg.data.decode_workers
+    wanted = cfg.data.decode_resources
+    if wanted:
+        cpus = sum(node["Resources"].get("CPU", 0) for node in ray.nodes()
+                   if node.get("Alive") and all(k in node["Resources"] for k in wanted))
+        return max(1, int(cpus))
+    trainers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) - trainers))
+
+
+def _rows_per_block(num_rows: int, pool: int, batch_size: int) -> int:
+    """Input rows per actor task: big enough to amortise task overhead, small enough that every actor
+    gets several tasks per epoch (load balance) and the last tasks of an epoch are short."""
+    return int(np.clip(num_rows // (4 * pool), batch_size, 16 * batch_size))
+
+
+def _limit_block_bytes(ds: ray.data.Dataset, rows: int, clip_shape: tuple[int, ...]) -> None:
+    """Emit output blocks of about `rows` clips (Ray's default buffers up to 128 MiB per block)."""
+    ds.context.target_max_block_size = max(1 << 20, rows * int(np.prod(clip_shape)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def train_dataset(cfg: Config, image_size: int) -> ray.data.Dataset:
+    """Rows {"clip": uint8 [T, 3, S, S], "label": int64}, reshuffled at every epoch (each execution).
+
+    One epoch (one iteration of a shard) = data.passes_per_epoch passes over the manifest.
+    """
+    if not cfg.data.train_manifest:
+        raise ValueError("data.train_manifest is not set")
+    _stats_actor()  # owned by the driver, so counts outlive the decode actors
+    table = _subset(read_manifest(cfg.data.train_manifest), cfg.data.max_train_videos, cfg.train.seed)
+    table = table.select(_INPUT_COLUMNS)
+    pool, batch = decode_pool_size(cfg), cfg.data.decode_batch_size
+    rows = _rows_per_block(table.num_rows, pool, batch)
+    ds = _read(table, rows, shuffle=True, passes=cfg.data.passes_per_epoch)
+    ds = ds.map_batches(
+        TrainDecoder,
+        fn_constructor_kwargs={
+            "num_frames": cfg.model.num_frames, "sampling_rate": cfg.data.sampling_rate,
+            "image_size": image_size, "rand_augment": cfg.data.rand_augment,
+            "scale": (cfg.data.min_scale, cfg.data.max_scale), "short_side": cfg.data.decode_short_side},
+        batch_size=batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=1,
+        resources=dict(cfg.data.decode_resources) or None,
+    )
+    _limit_block_bytes(ds, batch, (cfg.model.num_frames, 3, image_size, image_size))
+    return ds
+
+
+def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.Dataset:
+    """Every test view of every video: rows {"clip": uint8 [T, 3, S, S], "label", "video", "view"} (int64).
+
+    video: the row index in the manifest (average scores per video); view: temporal * spatial index.
+    The decode actors ask for no CPU: evaluation runs while the training loop waits, on the CPUs the
+    (then idle) train decode actors hold, so the two pools never wait on each other.
+    """
+    _stats_actor()
+    table = read_manifest(manifest_path).select(_INPUT_COLUMNS)
+    table = table.append_column("video", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    pool, batch = decode_pool_size(cfg), cfg.data.decode_batch_size
+    ds = _read(table, _rows_per_block(table.num_rows, pool, batch), shuffle=False)
+    ds = ds.map_batches(
+        EvalDecoder,
+        fn_constructor_kwargs={
+            "num_frames": cfg.model.num_frames, "sampling_rate": cfg.data.sampling_rate, "image_size": image_size,
+            "temporal_views": cfg.data.num_temporal_views, "spatial_views": cfg.data.num_spatial_views},
+        batch_size=batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=0,
+        resources=dict(cfg.data.decode_resources) or None,
+    )
+    views = cfg.data.num_temporal_views * cfg.data.num_spatial_views
+    _limit_block_bytes(ds, batch * views, (cfg.model.num_frames, 3, image_size, image_size))
+    return ds
