@@ -42,7 +42,13 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
     """Create a run with its params and resolved config; returns the run id. The run stays open (RUNNING)."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    if exp is None:  # a SQLite store keeps artifacts beside the database, not in the driver's working directory
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

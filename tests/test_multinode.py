@@ -1,0 +1,309 @@
+"""A real three-node Ray cluster on this machine, started with the `ray start` CLI as on a real cluster: a head
+with no custom resources, a CPU "decode" node carrying `decode_node` and a "trainer" node carrying
+`trainer_node` (the resources ray_cluster.yaml gives its node types). `evl train` runs against it with decoding
+pinned to `decode_node` and the trainers to `trainer_node`, and Ray's state API (the dashboard's REST API, as
+`ray list actors` uses) shows where every decode actor, decode task and training worker actually ran.
+
+Every node has spare CPUs (the head too), so work that ignored the pinning could land on another node.
+
+The cluster helpers here are also used by tests/test_job_submit.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the environment's bin: `ray` (and `evl` once the project is installed)
+CLASSES = 3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A local multi-node Ray cluster, one `ray start --block` process per node
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """Ray nodes started with the real CLI (`ray start --block`), token authentication on, own ports and
+    temp dirs, so it neither sees nor disturbs any other Ray on the machine. Stopped by signalling the
+    processes it started (never `ray stop`, which kills every Ray process of the user on the machine)."""
+
+    def __init__(self) -> None:
+        # Ray's Unix sockets live under the temp dir and must stay under ~107 characters: keep it short.
+        self.root = Path(tempfile.mkdtemp(prefix="evlray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        self.token_path = self.root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        self.nodes: dict[str, str] = {}  # role -> node id, filled in by the fixtures
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of every node and client: token auth with this cluster's token, the venv first on
+        PATH (a job's entrypoint runs with the head's environment), no address of another cluster."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                   PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1",
+                   RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+        env.update(extra)
+        return env
+
+    def _start(self, name: str, args: list[str]) -> None:
+        log = self.root / f"{name}.log"
+        self.logs.append(log)
+        cmd = [str(BIN / "ray"), "start", "--block", "--temp-dir", str(self.root / name),
+               "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats",
+               "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+               *args]
+        # RAY_ADDRESS: Ray processes that look the cluster up by themselves (e.g. Ray Train's
+        # PlacementGroupCleaner) find this one, not whichever cluster /tmp/ray names. No drain on SIGTERM.
+        env = self.env(RAY_ADDRESS=self.gcs_address, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+        with open(log, "w") as out:
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, start_new_session=True))
+
+    def start_head(self, num_cpus: int, **resources: float) -> None:
+        self._start("head", ["--head", "--port", str(self.gcs_port), "--dashboard-port", str(self.dashboard_port),
+                             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true",
+                             "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus),
+                             *(["--resources", json.dumps(resources)] if resources else [])])
+
+    def add_node(self, name: str, num_cpus: int, **resources: float) -> None:
+        self._start(name, ["--address", self.gcs_address, "--num-cpus", str(num_cpus),
+                           *(["--resources", json.dumps(resources)] if resources else [])])
+
+    def api(self, path: str, timeout: float = 10.0):
+        """GET a dashboard REST endpoint with the cluster's token; the decoded JSON."""
+        request = urllib.request.Request(self.dashboard_url + path,
+                                         headers={"Authorization": f"Bearer {self.token_path.read_text()}"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def state(self, kind: str) -> list[dict]:
+        """Ray's state API (`ray list <kind> --detail`): every actor / task / node, with its node_id."""
+        reply = self.api(f"/api/v0/{kind}?detail=1&limit=10000", timeout=30)
+        assert reply["result"], reply.get("msg")
+        return reply["data"]["result"]["result"]
+
+    def wait_for_nodes(self, count: int, ready: str | None = None, timeout: float = 180.0) -> list[dict]:
+        """Wait until `count` nodes are alive (and the dashboard endpoint `ready` answers); the nodes (state
+        API rows)."""
+        deadline = time.monotonic() + timeout
+        error = None
+        while time.monotonic() < deadline:
+            dead = [p.args for p in self.procs if p.poll() is not None]
+            assert not dead, f"a Ray node failed to start: {dead}\n{self.tail()}"
+            try:
+                nodes = [n for n in self.state("nodes") if n["state"] == "ALIVE"]
+                if ready:
+                    self.api(ready)
+                if len(nodes) == count:
+                    return nodes
+                error = f"{len(nodes)} of {count} nodes alive"
+            except Exception as e:  # noqa: BLE001 - the dashboard is still starting
+                error = repr(e)
+            time.sleep(0.5)
+        raise AssertionError(f"the cluster did not come up in {timeout:.0f} s ({error})\n{self.tail()}")
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+                         for log in self.logs if log.is_file())
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it then stops its node's processes: GCS, raylet, dashboard, ...;
+        the raylet's workers exit with it), workers before the head; SIGKILL the process group of any that
+        is still alive after a grace period."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): its node's processes
+                proc.wait(timeout=10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command, its stdout and stderr together into `log`; on a timeout, fail with the log's end."""
+    with open(log, "w") as out:
+        try:
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  timeout=timeout, check=False, **kwargs)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(cmd[:4])} ... ran past {timeout:.0f} s\n{tail_of(log)}")
+    return done
+
+
+def tail_of(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def evl_command() -> list[str]:
+    """`evl`, the installed command; `python -m workflows.cli` (the same main) where the project is not
+    pip-installed in this environment."""
+    return ["evl"] if (BIN / "evl").is_file() else ["python", "-m", "workflows.cli"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A tiny dataset of real h264 videos and its manifests (written here directly, without Ray)
+
+
+def write_tiny_dataset(root: Path) -> dict[str, str]:
+    """12 train + 6 val synthetic videos of 3 classes (32 px, 16 frames); {"train": manifest, "val": manifest}
+    (absolute paths, with classes.json beside them)."""
+    from evl.video.decode import probe
+    from evl.video.kinetics import cvdf_split, find_videos, write_manifest
+    from evl.video.synth import SYNTH_CLASSES, SynthParams, write_synth_dataset
+
+    write_synth_dataset(root, SynthParams(num_classes=CLASSES, train_per_class=4, val_per_class=2, width=32,
+                                          height=32, frames=16))
+    classes = sorted(SYNTH_CLASSES[:CLASSES])
+    videos = find_videos(str(root))
+    manifests = {}
+    for split in ("train", "val"):
+        entries = cvdf_split(str(root / "annotations" / f"{split}.csv"), videos, classes).entries
+        assert len(entries) == CLASSES * (4 if split == "train" else 2)
+        manifests[split] = str(root / "manifests" / f"{split}.parquet")
+        write_manifest([{**vars(e), **vars(probe(e.path))} for e in entries], manifests[split], classes=classes)
+    return manifests
+
+
+EXPERIMENT = "evl-tiny-cpu"  # configs/tiny_cpu.yaml's
+
+
+def tiny_overrides(manifests: dict[str, str], work: Path) -> list[str]:
+    """--set flags for configs/tiny_cpu.yaml: this dataset, storage and MLflow store (absolute paths).
+
+    The MLflow experiment is created here, with its artifacts in `work`: one that `evl train` creates in a
+    SQLite store gets MLflow's default artifact root, ./mlruns in the driver's working directory (the repo,
+    or a job's unpacked working_dir)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{work / 'mlflow.db'}").create_experiment(
+        EXPERIMENT, artifact_location=str(work / "mlartifacts"))
+    return [f"data.train_manifest={manifests['train']}", f"data.val_manifest={manifests['val']}",
+            f"scaling.storage_path={work / 'runs'}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
+
+
+def set_flags(overrides: list[str]) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+def finished_run(work: Path):
+    """The one MLflow run in the test's store, checked finished with its metrics and final artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert {"val_top1", "val_top5", "lr", "decode_failures"} <= set(run.data.metrics)
+    assert run.data.params["model.backbone"] == "EVL-Tiny"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/decoder.pt"]
+    assert str(work / "mlartifacts") in run.info.artifact_uri, run.info.artifact_uri
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The test
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (1 CPU, no custom resources), decode node (2 CPUs, decode_node), trainer node (3 CPUs,
+    trainer_node); the nodes by role."""
+    c = LocalCluster()
+    try:
+        c.start_head(num_cpus=1)
+        c.add_node("decode", num_cpus=2, decode_node=1)
+        c.add_node("trainer", num_cpus=3, trainer_node=1)
+        nodes = c.wait_for_nodes(3)
+        roles = {}
+        for node in nodes:
+            resources = node["resources_total"]
+            role = "decode" if "decode_node" in resources else "trainer" if "trainer_node" in resources else "head"
+            roles[role] = node["node_id"]
+        assert len(roles) == 3 and next(n for n in nodes if n["node_id"] == roles["head"])["is_head_node"]
+        c.nodes = roles
+        yield c
+    finally:
+        c.stop()
+
+
+def test_decode_and_training_run_on_their_nodes(cluster, tmp_path):
+    manifests = write_tiny_dataset(tmp_path / "synth")
+    overrides = tiny_overrides(manifests, tmp_path) + [
+        "data.decode_resources={decode_node: 0.001}", "scaling.resources_per_worker={trainer_node: 0.001}"]
+    log = tmp_path / "train.log"
+    cmd = [*evl_command(), "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
+           "--address", cluster.gcs_address, *set_flags(overrides)]
+    done = run_logged(cmd, log, timeout=900, cwd=ROOT, env=cluster.env())
+    assert done.returncode == 0, f"evl train failed\n{tail_of(log)}"
+    assert "step 3/3 loss" in log.read_text() and "validation top-1" in log.read_text(), tail_of(log)
+    finished_run(tmp_path)
+
+    names = {node_id: role for role, node_id in cluster.nodes.items()}
+
+    def where(rows: list[dict]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for row in rows:
+            out.setdefault(row.get("class_name") or row["name"], set()).add(names.get(row.get("node_id"), "?"))
+        return out
+
+    # Actors: every Ray Data map actor (the decoders) on the decode node, every Ray Train worker on the
+    # trainer node, and at least one of each kind.
+    actors = cluster.state("actors")
+    decoders = [a for a in actors if a["class_name"].startswith("MapWorker(")]
+    trainers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert {"MapWorker(MapBatches(TrainDecoder))", "MapWorker(MapBatches(EvalDecoder))"} <= \
+        {a["class_name"] for a in decoders}, where(actors)
+    assert len(trainers) >= 2, where(actors)
+    assert all(a["node_id"] == cluster.nodes["decode"] for a in decoders), where(decoders)
+    assert all(a["node_id"] == cluster.nodes["trainer"] for a in trainers), where(trainers)
+
+    # Tasks: every decode call (the map actors' `submit` tasks) ran on the decode node, the training loop
+    # (`run_train_fn`, once per worker) on the trainer node. Task events arrive asynchronously: wait for them.
+    deadline = time.monotonic() + 60
+    while True:
+        tasks = cluster.state("tasks")
+        decode_calls = [t for t in tasks if t["name"].startswith("MapWorker(") and t["name"].endswith(".submit")]
+        train_fns = [t for t in tasks if t["name"] == "RayTrainWorker.run_train_fn"]
+        kinds = {t["name"] for t in decode_calls}
+        if ({"MapWorker(MapBatches(TrainDecoder)).submit", "MapWorker(MapBatches(EvalDecoder)).submit"} <= kinds
+                and len(train_fns) >= 2) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert {"MapWorker(MapBatches(TrainDecoder)).submit", "MapWorker(MapBatches(EvalDecoder)).submit"} <= kinds, \
+        where(tasks)
+    assert len(train_fns) >= 2, where(tasks)
+    assert all(t["node_id"] == cluster.nodes["decode"] for t in decode_calls), where(decode_calls)
+    assert all(t["node_id"] == cluster.nodes["trainer"] for t in train_fns), where(train_fns)
+    # Nothing of the above on the head.
+    assert cluster.nodes["head"] not in {r["node_id"] for r in decoders + trainers + decode_calls + train_fns}
