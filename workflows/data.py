@@ -254,7 +254,9 @@ def _identity_block(chunk: pa.Table) -> list[pa.Table]:
 
 
 def _read(table: pa.Table, rows_per_block: int, shuffle: bool, passes: int = 1) -> ray.data.Dataset:
-    return ray.data.read_datasource(TableSource(table, rows_per_block, shuffle, passes), num_cpus=0)
+    # Reads ask for no CPU (they only slice an in-memory table), so cap how many run at once: otherwise Ray
+    # starts a worker process per block.
+    return ray.data.read_datasource(TableSource(table, rows_per_block, shuffle, passes), num_cpus=0, concurrency=2)
 
 
 def _subset(table: pa.Table, limit: int | None, seed: int) -> pa.Table:
