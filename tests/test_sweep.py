@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -52,7 +53,8 @@ def mlflow_server(tmp_path_factory):
     server.wait(timeout=30)
 
 
-def write_sweep(tmp_path: Path, dataset: Path, tracking_uri: str, frames, depths) -> Path:
+def write_sweep(tmp_path: Path, dataset: Path, tracking_uri: str | None, frames, depths,
+                storage: str | None = None) -> Path:
     base = {
         "name": "tiny",
         "model": {"backbone": "EVL-Tiny", "pretrained": None, "num_classes": 3, "cls_dropout": 0.0},
@@ -66,7 +68,7 @@ def write_sweep(tmp_path: Path, dataset: Path, tracking_uri: str, frames, depths
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {"base": "base.yaml", "name": "grid", "num_frames": frames, "decoder_num_layers": depths,
-            "stride_for_frames": {2: 4, 4: 2}, "storage_path": str(tmp_path / "sweeps")}
+            "stride_for_frames": {2: 4, 4: 2}, "storage_path": storage or str(tmp_path / "sweeps")}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -111,13 +113,21 @@ def test_grid_sweep_against_a_tracking_server_then_resume(dataset, mlflow_server
     assert [r["status"] for r in resumed.rows] == ["finished"] * 4
 
 
-def test_sweep_against_a_sqlite_store(dataset, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = sweep(write_sweep(tmp_path, dataset, uri, frames=[4], depths=[1]))
+def test_sweep_against_a_sqlite_store_with_relative_paths(dataset, tmp_path, monkeypatch):
+    """As users type it: run from the project folder, manifests and storage relative, the default ./mlflow.db.
+    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    relative = Path(os.path.relpath(dataset, tmp_path))
+    path = write_sweep(tmp_path, relative, None, frames=[4], depths=[1], storage="sweeps")
+    result = sweep(Path("sweep.yaml"))
     assert [r["status"] for r in result.rows] == ["finished"]
-    client = MlflowClient(uri)
+    assert Path(result.csv_path) == tmp_path / "sweeps" / "grid" / "summary.csv" and path.exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store beside the sweep, no other
     [run] = children(client, result.parent_run_id)
     assert run.data.params["trial.num_frames"] == "4" and "val_top1" in run.data.metrics
+    assert run.data.params["data.train_manifest"] == str((dataset / "manifests" / "train.parquet").resolve())
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")) == [Path("mlflow.db")]
 
 
 def test_grid_covers_every_combination():

@@ -150,3 +150,24 @@ def test_bad_config_fails_before_ray_starts(tmp_path, capsys):
     code = main(["train", "--config", str(ROOT / "configs" / "demo.yaml"),
                  "--set", f"data.train_manifest={tmp_path / 'nope.parquet'}"])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_relative_paths_are_anchored_where_the_command_runs(tmp_path, monkeypatch):
+    from workflows.train import anchor_paths
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "weights.pt").write_bytes(b"")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [
+        "data.train_manifest=data/train.parquet", "data.val_manifest=s3://bucket/val.parquet",
+        "model.pretrained=weights.pt", "scaling.storage_path=runs"])
+    anchored = anchor_paths(cfg, tmp_path)
+    assert anchored.data.train_manifest == str(tmp_path / "data" / "train.parquet")
+    assert anchored.data.val_manifest == "s3://bucket/val.parquet"
+    assert anchored.model.pretrained == str(tmp_path / "weights.pt")
+    assert anchored.scaling.storage_path == str(tmp_path / "runs")
+    assert anchored.tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert anchor_paths(anchored, "/elsewhere") == anchored  # idempotent: absolute paths stay
+    tagged = anchor_paths(load_config(ROOT / "configs" / "vit_b16_8f.yaml"), tmp_path)
+    assert tagged.model.pretrained == "openai"  # an open_clip tag, not a file
+    http = load_config(ROOT / "configs" / "demo.yaml", ["tracking.tracking_uri=http://127.0.0.1:5000"])
+    assert anchor_paths(http, tmp_path).tracking.tracking_uri == "http://127.0.0.1:5000"

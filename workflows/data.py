@@ -287,6 +287,12 @@ def decode_pool_size(cfg: Config) -> int:
     return max(1, math.floor(ray.cluster_resources().get("CPU", 1) - trainers))
 
 
+def cpus_needed(cfg: Config) -> float:
+    """Logical CPUs one training run holds at once: its trainers plus at least one decode actor each asking
+    for a CPU (evaluation actors ask for none)."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (cfg.data.decode_workers or 1)
+
+
 def _rows_per_block(num_rows: int, pool: int, batch_size: int) -> int:
     """Input rows per actor task: big enough to amortise task overhead, small enough that every actor
     gets several tasks per epoch (load balance) and the last tasks of an epoch are short."""

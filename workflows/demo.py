@@ -7,7 +7,6 @@ multi-view evaluation of the best checkpoint -> a summary with where the run is 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from evl.video.synth import MOTION_CLASSES, SynthParams, is_generated, write_synth_dataset
     from workflows.evaluate import evaluate_checkpoint
     from workflows.prepare import prepare_dataset
+    from workflows.data import cpus_needed
     from workflows.runtime import ensure_ray
     from workflows.train import train
 
@@ -44,8 +44,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"[1/4] synthetic videos: writing {data} ...", flush=True)
         write_synth_dataset(data, params, workers=2)
-    # Logical CPUs for 2 trainers plus 2 decode actors; on a 2-core machine they share the cores.
-    ensure_ray(num_cpus=max(4, os.cpu_count() or 1))
+    ensure_ray(min_cpus=cpus_needed(cfg))  # 2 trainers + 2 decode actors; on 2 cores they share them
     if (manifests / "train.parquet").is_file() and (manifests / "val.parquet").is_file():
         print(f"[2/4] manifests: cached in {manifests}")
     else:

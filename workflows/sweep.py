@@ -126,10 +126,12 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
 
     from evl.model import resolve_model_config
     from workflows import tracking
+    from workflows.data import cpus_needed
     from workflows.runtime import ensure_ray
-    from workflows.train import preflight
+    from workflows.train import anchor_paths, preflight
 
     scfg, base = load_sweep(path, overrides)
+    base = anchor_paths(base)  # trials run in Tune's trial folders, not here
     storage_root = scfg.storage_path or base.scaling.storage_path
     storage_root = storage_root if "://" in storage_root else str(Path(storage_root).resolve())
     sweep_dir = f"{storage_root}/{scfg.name}"  # local path or URI: Tune state, trials, summary
@@ -141,7 +143,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
         resolve_model_config(cfg.model)
         preflight(cfg)
 
-    uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
+    uri = base.tracking.tracking_uri
     parent_file = f"{sweep_dir}/{PARENT_RUN_FILE}"
     if resume:
         parent_run_id = (read_text(parent_file) or "").strip()
@@ -153,7 +155,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
                                            tags={"evl.sweep": scfg.name})
         write_bytes(parent_file, parent_run_id.encode())
 
-    ensure_ray(address)
+    ensure_ray(address, min_cpus=(scfg.max_concurrent_trials or 1) * cpus_needed(base))
     trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
                                      parent_run_id=parent_run_id)
     # The trial function only waits on its TorchTrainer; the trainer's workers and decode actors hold the CPUs/GPUs.

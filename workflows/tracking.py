@@ -17,12 +17,12 @@ from mlflow.tracking import MlflowClient
 DEFAULT_STORE = "mlflow.db"
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else ./mlflow.db; relative SQLite paths become absolute, so Ray
-    workers (which run in other directories) reach the same store as the driver."""
+def resolve_tracking_uri(uri: str | None, root: str | Path | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else ./mlflow.db; relative SQLite paths become absolute (against
+    `root`, default the current directory), so Ray workers in other directories reach the driver's store."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_STORE}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+        uri = "sqlite:///" + str((Path(root or Path.cwd()) / uri.removeprefix("sqlite:///")).resolve())
     return uri
 
 

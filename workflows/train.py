@@ -69,6 +69,41 @@ class TrainResult:
 # Before Ray: everything that can be checked is checked here, so a bad config fails in seconds.
 
 
+def anchor_paths(cfg: Config, root: str | Path | None = None) -> Config:
+    """A copy with every relative local path made absolute against `root` (default: the current directory).
+
+    Ray runs trial functions and workers in directories of their own (Tune moves each trial into its trial
+    folder), so a config that says `data/synth/...` must be anchored where the user typed the command.
+    URIs (s3://, sqlite:////, http://) and open_clip tags are left alone; `model.pretrained` is anchored only
+    when it names an existing file.
+    """
+    from dataclasses import replace
+
+    from workflows.tracking import resolve_tracking_uri
+
+    root = Path(root or Path.cwd())
+
+    def local(path: str | None) -> str | None:
+        if not path or "://" in path or Path(path).is_absolute():
+            return path
+        return str((root / path).resolve())
+
+    pretrained = cfg.model.pretrained
+    if pretrained and "://" not in pretrained and (root / pretrained).is_file():
+        pretrained = local(pretrained)
+    tracking_uri = cfg.tracking.tracking_uri
+    if tracking_uri is None or tracking_uri.startswith("sqlite:///"):
+        tracking_uri = resolve_tracking_uri(tracking_uri, root)
+    return replace(
+        cfg,
+        model=replace(cfg.model, pretrained=pretrained),
+        data=replace(cfg.data, train_manifest=local(cfg.data.train_manifest),
+                     val_manifest=local(cfg.data.val_manifest), class_names=local(cfg.data.class_names)),
+        train=replace(cfg.train, deepspeed_config=local(cfg.train.deepspeed_config)),
+        scaling=replace(cfg.scaling, storage_path=local(cfg.scaling.storage_path)),
+        tracking=replace(cfg.tracking, tracking_uri=tracking_uri))
+
+
 def preflight(cfg: Config) -> None:
     from evl.checkpoint import CheckpointError  # noqa: F401  (import check of the model stack)
     from evl.model import resolve_model_config
@@ -142,10 +177,11 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
     from evl.backbone import backbone_spec
     from evl.training import read_deepspeed_overrides
     from workflows import tracking
-    from workflows.data import eval_dataset, train_dataset
+    from workflows.data import cpus_needed, eval_dataset, train_dataset
     from workflows.runtime import ensure_ray
 
     start = time.perf_counter()
+    cfg = anchor_paths(cfg)
     preflight(cfg)
     names = class_names(cfg)
     image_size = backbone_spec(cfg.model.backbone).image_size
@@ -165,7 +201,7 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
         write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
         write_text(f"{run_dir}/config.yaml", dump_yaml(cfg))
 
-    ensure_ray(address)
+    ensure_ray(address, min_cpus=cpus_needed(cfg))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop reports progress itself
     datasets = {"train": train_dataset(cfg, image_size)}
     if cfg.data.val_manifest:
@@ -216,7 +252,7 @@ def _check_resumable(cfg: Config, run_dir: str) -> None:
     text = read_text(f"{run_dir}/config.yaml")
     if text is None:
         return
-    saved = from_dict(Config, yaml.safe_load(text)).model
+    saved = anchor_paths(from_dict(Config, yaml.safe_load(text))).model
     diffs = [f"{k}: run has {getattr(saved, k)!r}, config has {getattr(cfg.model, k)!r}"
              for k in (*STRUCTURAL_FIELDS, "pretrained", "backbone_seed")
              if getattr(saved, k) != getattr(cfg.model, k)]
