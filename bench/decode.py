@@ -1,15 +1,18 @@
-"""Train-mode clip throughput per CPU core: this project's decoding vs the reference's.
+"""Train-mode clip throughput per CPU core: this project's clip pipeline vs the reference's.
 
-Both methods draw the same clips (train sampling, 8 frames x stride 16 by default) from the same videos in
-the same run, and apply the same augmentation (RandAugment + RandomResizedCrop to 224). They differ only in
-decoding:
-  reference:  PyAV decodes every frame of the video, keeps them all, then converts the sampled ones
-              (what the reference implementation does for every clip).
-  decord:     decord's get_batch: seeks to the keyframe before the wanted frames, decodes up to the last
-              of them, converts only those.
-  evl:        evl.video.decode.read_frames: like decord, and also skips decoding the non-reference
-              frames that are not wanted (pixel-identical output).
-Each worker is one process with one decoder thread and one torch thread, so clips/s per worker is
+Every method draws the same kind of clips (train sampling, 8 frames x stride 16 by default) from the same
+videos in the same run, and ends with a RandAugment + RandomResizedCrop-to-224 clip:
+  reference:  what the reference implementation does for every clip: PyAV decodes every frame of the video
+              and keeps them all, the sampled ones are converted to RGB, then float [0, 1]; RandAugment on
+              PIL images (the same op on every frame, bicubic resampling as the reference's default), back
+              to float, CLIP normalisation at full size, crop + bilinear interpolation of the float clip.
+  decord:     decord's get_batch (seeks to the keyframe before the wanted frames, decodes up to the last of
+              them, converts only those), then this project's augmentation.
+  evl:        this project's pipeline: evl.video.decode.read_frames (like decord, and also skips decoding
+              the non-reference frames that are not wanted; pixel-identical), then evl.video.transforms.
+              TrainTransform (RandAugment with OpenCV for the affine ops and sharpness, crop on uint8;
+              normalisation is left to the trainer's GPU).
+Each worker is one process with one decoder thread and one torch/OpenCV thread, so clips/s per worker is
 clips/s per core. Per-phase CPU times (decode, augment) show where the time goes.
 
     python bench/decode.py                        # synthetic 10 s 340x256 h264 clips (cached in data/)
@@ -47,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--crop", type=int, default=224)
     p.add_argument("--rand-augment", default="rand-m7-n4-mstd0.5-inc1", help="'' to disable")
+    p.add_argument("--reference-resample", choices=("bicubic", "bilinear"), default="bicubic",
+                   help="resampling of the baseline's RandAugment affine ops (the reference's default: bicubic; "
+                        "this project's: bilinear)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker process counts to run")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--clips", type=int, default=48, help="timed clips per worker per method")
@@ -115,6 +121,51 @@ def reference_frames(path: str, num_frames: int, stride: int, rng):
     return np.stack([frames[i].to_rgb().to_ndarray() for i in indices])  # [T, H, W, 3]
 
 
+class ReferenceTransform:
+    """The reference's train augmentation of uint8 frames [T, H, W, 3] -> normalised float clip [3, T, S, S]."""
+
+    def __init__(self, crop: int, rand_augment: str | None, resample: str = "bicubic"):
+        import torch
+        from PIL import Image
+        from timm.data.auto_augment import rand_augment_transform
+
+        from evl.video.transforms import CLIP_MEAN, CLIP_STD
+
+        self.crop = crop
+        hparams = {"translate_const": int(crop * 0.45), "img_mean": tuple(round(255 * m) for m in CLIP_MEAN),
+                   "interpolation": {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[resample]}
+        self.augment = rand_augment_transform(rand_augment, hparams) if rand_augment else None
+        self.mean, self.std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+
+    def rand_augment(self, images: list, rng) -> list:
+        """Each drawn op applied to every frame with the same decisions (Python's random re-seeded per frame)."""
+        import random
+
+        ops = rng.choice(len(self.augment.ops), self.augment.num_layers)
+        for i in ops:
+            seed = int(rng.integers(2**63))
+            for k, image in enumerate(images):
+                random.seed(seed)
+                images[k] = self.augment.ops[i](image)
+        return images
+
+    def __call__(self, frames, rng):
+        import torch
+        import torch.nn.functional as F
+        import torchvision.transforms.functional as TF
+
+        from evl.video.transforms import sample_crop_box
+
+        clip = torch.as_tensor(frames).float() / 255  # [T, H, W, 3]
+        if self.augment is not None:
+            images = self.rand_augment([TF.to_pil_image(f.permute(2, 0, 1)) for f in clip], rng)
+            clip = torch.stack([TF.to_tensor(image) for image in images]).permute(0, 2, 3, 1)
+        clip = ((clip - self.mean) / self.std).permute(3, 0, 1, 2)  # [3, T, H, W]
+        top, left, h, w = sample_crop_box(clip.shape[-2], clip.shape[-1], rng)
+        return F.interpolate(clip[:, :, top:top + h, left:left + w], size=(self.crop, self.crop), mode="bilinear",
+                             align_corners=False)  # [3, T, S, S]
+
+
 def decord_frames(path: str, num_frames: int, stride: int, rng, info):
     import numpy as np
 
@@ -147,7 +198,12 @@ def _worker(job: dict) -> dict:
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(job["seed"])
-    transform = TrainTransform(job["crop"], job["rand_augment"] or None)
+    if job["method"] == "reference":
+        transform = ReferenceTransform(job["crop"], job["rand_augment"] or None, job["reference_resample"])
+        shape = (3, job["frames"], job["crop"], job["crop"])
+    else:
+        transform = TrainTransform(job["crop"], job["rand_augment"] or None)
+        shape = (job["frames"], 3, job["crop"], job["crop"])
     videos, infos = job["videos"], job["infos"]
 
     def one(i: int) -> tuple[float, float]:
@@ -159,7 +215,7 @@ def _worker(job: dict) -> dict:
         frames = read[job["method"]]()
         t1 = time.process_time()
         clip = transform(frames, rng)
-        assert clip.shape == (job["frames"], 3, job["crop"], job["crop"])
+        assert tuple(clip.shape) == shape
         return t1 - t0, time.process_time() - t1
 
     for i in range(job["warmup"]):
@@ -185,6 +241,7 @@ def run_methods(methods: list[str], workers: int, args: argparse.Namespace, vide
             barrier = manager.Barrier(workers)
             jobs = [{"method": method, "seed": w, "videos": videos, "infos": infos, "frames": args.frames,
                      "stride": args.stride, "crop": args.crop, "rand_augment": args.rand_augment,
+                     "reference_resample": args.reference_resample,
                      "clips": args.clips, "warmup": args.warmup, "barrier": barrier} for w in range(workers)]
             results.append(_summarise(method, workers, pool.map(_worker, jobs, chunksize=1)))
     return results
@@ -223,7 +280,7 @@ def table(results: list[dict]) -> str:
 
 
 def speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """method / reference, per method and worker count: per core (wall), per CPU-second, decoding alone."""
+    """method / reference, per method and worker count: per core (wall), per CPU-second, each phase alone."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     by = {(r["method"], r["workers"]): r for r in results}
     for (method, w), ours in sorted(by.items()):
@@ -234,6 +291,7 @@ def speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
             "per_core": ours["clips_per_s_per_core"] / ref["clips_per_s_per_core"],
             "per_cpu_s": ours["clips_per_cpu_s"] / ref["clips_per_cpu_s"],
             "decode_only": ref["decode_ms_per_clip"] / ours["decode_ms_per_clip"],
+            "augment_only": ref["augment_ms_per_clip"] / ours["augment_ms_per_clip"],
         }
     return out
 
@@ -249,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup": {"videos": len(videos), "example": videos[0], "size": [infos[0].width, infos[0].height],
                   "video_frames": infos[0].num_frames, "frames": args.frames, "stride": args.stride,
                   "crop": args.crop, "rand_augment": args.rand_augment, "clips_per_worker": args.clips,
+                  "reference_resample": args.reference_resample,
                   "cpu_count": os.cpu_count()},
         "results": results,
         "speedup": speedups(results),
@@ -257,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     for method, by_workers in report["speedup"].items():
         for w, s in by_workers.items():
             print(f"{method} vs reference, {w} worker(s): {s['per_core']:.2f}x per core (wall), "
-                  f"{s['per_cpu_s']:.2f}x per CPU-second, decoding alone {s['decode_only']:.2f}x")
+                  f"{s['per_cpu_s']:.2f}x per CPU-second; decoding alone {s['decode_only']:.2f}x, "
+                  f"augmentation alone {s['augment_only']:.2f}x")
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
