@@ -51,7 +51,8 @@ class ClipRandAugment:
     (rotate, shear, translate) and sharpness with OpenCV on the whole clip at once, 5-10x faster than PIL's
     per-frame kernels and within a grey level of them (PIL's sampling grid, edge and fill rules kept;
     tests/test_video_transforms.py compares the two), every other op with timm's PIL function frame by frame.
-    The caller's `random` state is restored afterwards.
+    The caller's `random` state is restored afterwards. The affine ops resample bilinearly; the reference
+    implementation leaves PIL's bicubic default, which OpenCV's cubic kernel does not reproduce.
     """
 
     def __init__(self, spec: str, image_size: int, mean: tuple[float, float, float] = CLIP_MEAN):
