@@ -25,9 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from evl.video.synth import MOTION_CLASSES, SynthParams, is_generated, write_synth_dataset
+    from workflows.data import cpus_needed
     from workflows.evaluate import evaluate_checkpoint
     from workflows.prepare import prepare_dataset
-    from workflows.data import cpus_needed
     from workflows.runtime import ensure_ray
     from workflows.train import train
 

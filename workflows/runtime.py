@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 log = logging.getLogger("evl.runtime")
@@ -27,7 +28,7 @@ def ensure_ray(address: str | None = None, min_cpus: float = 0, **init_kwargs) -
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and min_cpus and "num_cpus" not in init_kwargs:
         try:
-            ray.init(num_cpus=max(int(min_cpus + 0.999), os.cpu_count() or 1), **init_kwargs)
+            ray.init(num_cpus=max(math.ceil(min_cpus), os.cpu_count() or 1), **init_kwargs)
             return
         except ValueError as e:  # a local cluster started with `ray start` is running: join it instead
             if "existing cluster" not in str(e):

@@ -48,9 +48,9 @@ class ClipRandAugment:
     The op list comes from the caller's Generator. Each op's decisions (apply or skip, magnitude noise, sign)
     are timm's own: its op is run once per clip with Python's `random` seeded from that Generator and its
     image function swapped for a recorder. The recorded op is then applied to every frame: the affine ops
-    (rotate, shear, translate) and sharpness with OpenCV on the whole clip at once, 5-10x faster than PIL's
-    per-frame kernels and within a grey level of them (PIL's sampling grid, edge and fill rules kept;
-    tests/test_video_transforms.py compares the two), every other op with timm's PIL function frame by frame.
+    (rotate, shear, translate) and sharpness with OpenCV, 3-10x faster than PIL's kernels and within a grey
+    level of them (PIL's sampling grid, edge and fill rules kept; tests/test_video_transforms.py compares the
+    two), every other op with timm's PIL function.
     The caller's `random` state is restored afterwards. The affine ops resample bilinearly; the reference
     implementation leaves PIL's bicubic default, which OpenCV's cubic kernel does not reproduce.
     """
