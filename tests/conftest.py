@@ -48,3 +48,12 @@ def local_ray():
     ray.init(num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data_ray():
+    """A 2-CPU local Ray for the data tests (decode actors only); reuses one that is already running."""
+    from tests.data_helpers import ray_session
+
+    with ray_session() as ray:
+        yield ray

@@ -11,16 +11,10 @@ from evl.config import Config
 from evl.video.decode import probe
 from evl.video.kinetics import cvdf_split, find_videos, write_manifest
 from evl.video.synth import SYNTH_CLASSES
-from tests.data_helpers import ray_session, report_shards_loop, small_synth, write_bad_videos
+from tests.data_helpers import report_shards_loop, small_synth, write_bad_videos
 
 NUM_FRAMES, IMAGE = 4, 32
 CLASSES = sorted(SYNTH_CLASSES[:4])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with ray_session() as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def config(manifests, **data) -> Config:
     return cfg.validate()
 
 
-def test_two_train_workers_get_equal_batches_of_valid_clips(ray_local, manifests, tmp_path):
+def test_two_train_workers_get_equal_batches_of_valid_clips(data_ray, manifests, tmp_path):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -113,7 +107,7 @@ def test_every_execution_draws_a_new_shuffle(manifests):
         table.column("path").to_pylist()
 
 
-def test_eval_dataset_yields_every_view_of_every_video(ray_local, manifests):
+def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
     from evl.video.kinetics import read_manifest
     from workflows.data import eval_dataset
 
@@ -129,7 +123,7 @@ def test_eval_dataset_yields_every_view_of_every_video(ray_local, manifests):
     assert views == {v: set(range(6)) for v in range(8)}
 
 
-def test_pool_size_and_subset(ray_local, manifests):
+def test_pool_size_and_subset(data_ray, manifests):
     from workflows.data import _subset, decode_pool_size
     from evl.video.kinetics import read_manifest
 

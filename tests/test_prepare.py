@@ -7,15 +7,9 @@ import pytest
 
 from evl.video.kinetics import read_classes, read_manifest
 from evl.video.synth import SYNTH_CLASSES
-from tests.data_helpers import ray_session, small_synth
+from tests.data_helpers import small_synth
 from workflows import prepare
 from workflows.prepare import prepare_dataset
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with ray_session() as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def test_prepare_cvdf_dataset_writes_manifests_classes_and_summary(ray_local, synth, tmp_path):
+def test_prepare_cvdf_dataset_writes_manifests_classes_and_summary(data_ray, synth, tmp_path):
     summary = prepare_dataset(str(synth), str(tmp_path))
     classes = sorted(SYNTH_CLASSES[:3])  # not Kinetics labels: own sorted list
     assert read_classes(str(tmp_path / "classes.json")) == classes
@@ -49,14 +43,14 @@ def test_prepare_cvdf_dataset_writes_manifests_classes_and_summary(ray_local, sy
     assert on_disk["splits"] == summary["splits"] and not on_disk["unreadable"] and not on_disk["missing"]
 
 
-def test_cli_one_split_prints_summary(ray_local, synth, tmp_path, capsys):
+def test_cli_one_split_prints_summary(data_ray, synth, tmp_path, capsys):
     assert prepare.run(parse(["--dataset", str(synth), "--out", str(tmp_path), "--splits", "val"])) == 0
     out = capsys.readouterr().out
     assert "val" in out and "usable videos per class" in out and "summary.json" in out
     assert (tmp_path / "val.parquet").is_file() and not (tmp_path / "train.parquet").exists()
 
 
-def test_list_file_with_data_root_and_class_file(ray_local, synth, tmp_path):
+def test_list_file_with_data_root_and_class_file(data_ray, synth, tmp_path):
     videos = sorted((synth / "videos").glob("*.mp4"))[:4]
     (tmp_path / "list.txt").write_text("".join(f"{v.name} {i % 2}\n" for i, v in enumerate(videos)) + "x.mp4 9\n")
     (tmp_path / "names.json").write_text(json.dumps(["even", "odd"]))
@@ -68,13 +62,13 @@ def test_list_file_with_data_root_and_class_file(ray_local, synth, tmp_path):
     assert read_classes(str(tmp_path / "out" / "classes.json")) == ["even", "odd"]
 
 
-def test_dataset_given_as_uri(ray_local, synth, tmp_path):
+def test_dataset_given_as_uri(data_ray, synth, tmp_path):
     uri = "file://" + str(synth)
     prepare_dataset(uri, "file://" + str(tmp_path), splits=["val"])
     rows = read_manifest(str(tmp_path / "val.parquet")).to_pylist()
     assert len(rows) == 6 and all(r["path"].startswith(uri + "/videos/") for r in rows)
 
 
-def test_missing_annotations_is_a_clean_error(ray_local, tmp_path, capsys):
+def test_missing_annotations_is_a_clean_error(data_ray, tmp_path, capsys):
     assert prepare.run(parse(["--dataset", str(tmp_path), "--out", str(tmp_path / "o")])) == 2
     assert "evl prepare:" in capsys.readouterr().err
