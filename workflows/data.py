@@ -283,14 +283,17 @@ def decode_pool_size(cfg: Config) -> int:
         cpus = sum(node["Resources"].get("CPU", 0) for node in ray.nodes()
                    if node.get("Alive") and all(k in node["Resources"] for k in wanted))
         return max(1, int(cpus))
-    trainers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) - trainers))
+    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) - trainer_cpus(cfg)))
+
+
+def trainer_cpus(cfg: Config) -> float:
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
 
 
 def cpus_needed(cfg: Config) -> float:
     """Logical CPUs one training run holds at once: its trainers plus at least one decode actor each asking
     for a CPU (evaluation actors ask for none)."""
-    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + (cfg.data.decode_workers or 1)
+    return trainer_cpus(cfg) + (cfg.data.decode_workers or 1)
 
 
 def _rows_per_block(num_rows: int, pool: int, batch_size: int) -> int:

@@ -138,25 +138,22 @@ def class_names(cfg: Config) -> list[str]:
     return names
 
 
-def _storage(cfg: Config) -> str:
-    path = cfg.scaling.storage_path
-    return path if "://" in path else str(Path(path).resolve())
-
-
 def _run_name(cfg: Config, resume: str | None) -> str:
+    """The run's folder name under scaling.storage_path (cfg has anchored paths)."""
     if resume and resume != "latest":
         return resume
     if resume == "latest":
         import pyarrow.fs
 
-        fs, root = filesystem(_storage(cfg))
+        storage = cfg.scaling.storage_path
+        fs, root = filesystem(storage)
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
         runs = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory
                        and i.base_name.startswith(f"{cfg.name}-")
-                       and read_text(f"{_storage(cfg)}/{i.base_name}/{RUN_ID_FILE}") is not None),
+                       and read_text(f"{storage}/{i.base_name}/{RUN_ID_FILE}") is not None),
                       key=lambda i: i.mtime_ns or 0)
         if not runs:
-            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {_storage(cfg)}")
+            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {storage}")
         return runs[-1].base_name
     return cfg.tracking.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
@@ -186,8 +183,8 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
     names = class_names(cfg)
     image_size = backbone_spec(cfg.model.backbone).image_size
 
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    storage, run_name = _storage(cfg), _run_name(cfg, resume)
+    uri = cfg.tracking.tracking_uri  # anchor_paths resolved it
+    storage, run_name = cfg.scaling.storage_path, _run_name(cfg, resume)
     run_dir = f"{storage}/{run_name}"
     if resume:
         run_id = (read_text(f"{run_dir}/{RUN_ID_FILE}") or "").strip()
