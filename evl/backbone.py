@@ -9,6 +9,8 @@ queries and keys come straight from the input projection and no attention map is
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,11 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+QUICKGELU = "-quickgelu"  # open_clip's suffix for the same architecture with QuickGELU
+HUB_CONFIG = "open_clip_config.json"  # written beside the weights on the Hugging Face hub
+
+log = logging.getLogger("evl.backbone")
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -90,22 +97,75 @@ def weights_identity(name: str, pretrained: str | None, seed: int) -> str:
     return f"{name}:{pretrained}"
 
 
-def _create_clip(name: str, pretrained: str | None, seed: int, quick_gelu: bool | None) -> nn.Module:
-    tags = open_clip.list_pretrained_tags_by_model(name)
+def _is_tag(name: str, pretrained: str | None) -> bool:
+    return pretrained is not None and pretrained in open_clip.list_pretrained_tags_by_model(name)
+
+
+def resolve_activation(name: str, pretrained: str | None, quick_gelu: bool | None = None) -> tuple[str, bool]:
+    """(architecture, uses QuickGELU) for a backbone as the user named it.
+
+    The activation is part of what a backbone is: OpenAI CLIP's weights were trained with QuickGELU, and under
+    GELU the same tensors give other features. What the weights say decides it: a `-quickgelu` model name, the
+    open_clip tag's record, or an `open_clip_config.json` beside a weights file (the Hugging Face hub layout).
+    `quick_gelu` (model.quick_gelu) may state it too but not contradict them. A bare weights file cannot say, so
+    it gets open_clip's default (GELU) with a warning. The architecture comes back without the `-quickgelu`
+    suffix, so every way of naming one model (tag, file, suffixed name) resolves to the same pair.
+    """
+    base = name.removesuffix(QUICKGELU)
+    if base == name or open_clip.get_model_config(base) is None:
+        base = name
+    evidence = []  # (what says so, QuickGELU?)
+    if base != name or (open_clip.get_model_config(name) or {}).get("quick_gelu"):
+        evidence.append((f"the model name {name!r}", True))
+    is_file = pretrained is not None and os.path.isfile(pretrained)
+    tag_owner = next((n for n in (name, base, base + QUICKGELU) if not is_file and _is_tag(n, pretrained)), None)
+    if tag_owner is not None:
+        said = bool(open_clip.get_pretrained_cfg(tag_owner, pretrained).get("quick_gelu", False))
+        evidence.append((f"the open_clip tag {pretrained!r}", said))
+    hub = Path(pretrained).parent / HUB_CONFIG if is_file else None
+    if hub is not None and hub.is_file():
+        try:
+            said = bool(json.loads(hub.read_text())["model_cfg"].get("quick_gelu", False))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{hub} (beside the backbone weights) is not an open_clip config: {e}") from e
+        evidence.append((str(hub), said))
+    if quick_gelu is not None:
+        evidence.insert(0, (f"model.quick_gelu={str(quick_gelu).lower()}", quick_gelu))
+    for source, said in evidence[1:]:
+        if said != evidence[0][1]:
+            raise ConfigError(f"backbone activation: {evidence[0][0]} says {_act(evidence[0][1])} but {source} "
+                              f"says {_act(said)}; the weights decide, so drop the contradicting setting")
+    if evidence:
+        return base, evidence[0][1]
+    if is_file and pretrained not in _warned:
+        _warned.add(pretrained)
+        log.warning(f"backbone weights {pretrained}: a weights file does not say which activation it was trained "
+                    f"with; using GELU. For OpenAI CLIP weights set model.quick_gelu: true (or use {base}{QUICKGELU})")
+    return base, False
+
+
+def _act(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
+def _create_clip(name: str, pretrained: str | None, seed: int, quick_gelu: bool) -> nn.Module:
+    """The open_clip model `name` (no -quickgelu suffix) with the given activation and weights."""
+    variant = name + QUICKGELU if quick_gelu and open_clip.get_model_config(name + QUICKGELU) else name
     is_file = pretrained is not None and os.path.isfile(pretrained)
     if pretrained is not None and not is_file:
         if pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained:
             raise ConfigError(f"backbone weights file {pretrained!r} does not exist")
-        if pretrained not in tags:
+        owner = next((n for n in (variant, name) if _is_tag(n, pretrained)), None)
+        if owner is None:
+            tags = sorted(set(open_clip.list_pretrained_tags_by_model(name))
+                          | set(open_clip.list_pretrained_tags_by_model(variant)))
             raise ConfigError(f"pretrained {pretrained!r} is neither a local weights file nor an open_clip tag for "
                               f"{name} (tags: {', '.join(tags) or 'none'})")
-    if quick_gelu is None:  # follow what the tagged weights were trained with (OpenAI CLIP: QuickGELU)
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained in tags else {}
-        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+        variant = owner
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            return open_clip.create_model(name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+            return open_clip.create_model(variant, pretrained=pretrained, force_quick_gelu=quick_gelu)
         except RuntimeError as e:  # open_clip reports key mismatches of a weights file this way
             raise ConfigError(f"could not load backbone weights {pretrained!r} into {name}: {e}") from e
 
@@ -114,13 +174,16 @@ class FrozenCLIPBackbone(nn.Module):
     """open_clip ViT image tower, frozen, returning per-block features for the decoder.
 
     `num_feature_layers` is the decoder depth N: the last N blocks return tokens, queries and keys; the blocks
-    before them run as open_clip wrote them. `ln_post` and `proj` are never used.
+    before them run as open_clip wrote them. `ln_post` and `proj` are never used. The activation follows the
+    weights (`resolve_activation`); `quick_gelu` may state it.
     """
 
     def __init__(self, name: str, pretrained: str | None, num_feature_layers: int, seed: int = 0,
                  quick_gelu: bool | None = None):
         super().__init__()
+        name, quick_gelu = resolve_activation(name, pretrained, quick_gelu)
         self.spec = backbone_spec(name)
+        self.quick_gelu = quick_gelu
         if not 1 <= num_feature_layers <= self.spec.layers:
             raise ConfigError(f"model.decoder_num_layers={num_feature_layers} must be between 1 and the "
                               f"backbone's depth ({self.spec.layers} blocks in {name})")

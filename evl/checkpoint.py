@@ -32,13 +32,14 @@ _REFERENCE_KEYS = [
 ]
 _PROJECT_KEYS = [(re.compile(p), r) for p, r in _REFERENCE_KEYS]
 
-# (width, cross-attention table rows) -> backbone, to recognise a reference checkpoint's backbone.
-_REFERENCE_BACKBONES = {(768, 729): "ViT-B-16", (1024, 961): "ViT-L-14", (1024, 2209): "ViT-L-14-336"}
+# The backbones the reference trains on (OpenAI CLIP), to recognise a reference checkpoint's backbone from its
+# width and, when it has temporal cross-attention, its table rows ((2h-1)(2w-1) for an h x w patch grid).
+_REFERENCE_BACKBONES = ("ViT-B-16", "ViT-L-14", "ViT-L-14-336")
 
 # Config fields that change what the checkpoint's tensors mean; a mismatch in any of them is refused.
-STRUCTURAL_FIELDS = ("backbone", "num_frames", "num_classes", "decoder_num_layers", "decoder_qkv_dim",
-               "decoder_num_heads", "decoder_mlp_factor", "temporal_conv", "temporal_pos_embed",
-               "temporal_cross_attention")
+STRUCTURAL_FIELDS = ("backbone", "quick_gelu", "num_frames", "num_classes", "decoder_num_layers", "decoder_qkv_dim",
+                     "decoder_num_heads", "decoder_mlp_factor", "temporal_conv", "temporal_pos_embed",
+                     "temporal_cross_attention")
 
 
 class CheckpointError(ValueError):
@@ -65,8 +66,13 @@ def save_checkpoint(path: str | Path, classifier: torch.nn.Module, model_cfg: Mo
     tmp.replace(path)  # never leave a half-written checkpoint under the real name
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a project checkpoint or a reference one (`{'model': {'module.…': tensor}}`)."""
+def load_checkpoint(path: str | Path, given: dict[str, Any] | None = None) -> Checkpoint:
+    """Read a project checkpoint or a reference one (`{'model': {'module.…': tensor}}`).
+
+    given: model settings the user stated (e.g. {"num_frames": 8}); a reference checkpoint takes from them what
+    its tensors cannot tell (the frame count without a temporal position embedding, the backbone without a
+    cross-attention table) and must agree with them on the rest.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -82,11 +88,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                           backbone_weights=payload["backbone_weights"], class_names=payload.get("class_names"),
                           extra=payload.get("extra") or {})
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        return reference_checkpoint(payload["model"], source=str(path))
+        return reference_checkpoint(payload["model"], source=str(path), given=given)
     raise CheckpointError(f"{path} is neither an EVL checkpoint nor a reference checkpoint ({{'model': state_dict}})")
 
 
-def reference_checkpoint(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> Checkpoint:
+def reference_checkpoint(state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                         given: dict[str, Any] | None = None) -> Checkpoint:
     """Convert the reference's DDP state dict to this project's keys and infer its model config."""
     state = {}
     for key, value in state_dict.items():
@@ -96,10 +103,14 @@ def reference_checkpoint(state_dict: dict[str, torch.Tensor], source: str = "che
             if n:
                 break
         state[key] = value
-    return Checkpoint(model=_infer_reference_config(state, source), state_dict=state, backbone_weights=None)
+    return Checkpoint(model=_infer_reference_config(state, source, given or {}), state_dict=state,
+                      backbone_weights=None)
 
 
-def _infer_reference_config(state: dict[str, torch.Tensor], source: str) -> ModelConfig:
+def _infer_reference_config(state: dict[str, torch.Tensor], source: str, given: dict[str, Any]) -> ModelConfig:
+    """The reference's model config from its tensors' shapes, completed (never contradicted) by `given`."""
+    from evl.backbone import backbone_spec, resolve_activation
+
     try:
         width = state["decoder.query_token"].shape[0]
         num_classes = state["head.fc.weight"].shape[0]
@@ -110,30 +121,72 @@ def _infer_reference_config(state: dict[str, torch.Tensor], source: str) -> Mode
         raise CheckpointError(f"{source} does not look like an EVL reference checkpoint (missing {e})") from e
     pos = state.get("decoder.temporal.0.pos_embed")
     table = state.get("decoder.temporal.0.cross_attention.w_prev")
-    rows = table.shape[0] if table is not None else (729 if width == 768 else 961)
-    backbone = _REFERENCE_BACKBONES.get((width, rows))
-    if backbone is None:
-        raise CheckpointError(f"{source}: no known backbone has width {width} and a {rows}-row cross-attention table")
-    if pos is None:
+
+    def fits(name: str) -> bool:
+        spec = backbone_spec(name)
+        h, w = spec.grid
+        return spec.width == width and (table is None or table.shape[0] == (2 * h - 1) * (2 * w - 1))
+
+    if given.get("backbone"):
+        backbone = resolve_activation(given["backbone"], None, True)[0]
+        if not fits(backbone):
+            raise CheckpointError(f"{source} was not trained on {given['backbone']}: its decoder has width {width}"
+                                  + (f" and a {table.shape[0]}-row cross-attention table" if table is not None else ""))
+    else:
+        candidates = [name for name in _REFERENCE_BACKBONES if fits(name)]
+        if not candidates:
+            raise CheckpointError(f"{source}: no reference backbone ({', '.join(_REFERENCE_BACKBONES)}) has width "
+                                  f"{width}" + (f" and a {table.shape[0]}-row cross-attention table"
+                                                if table is not None else ""))
+        if len(candidates) > 1:
+            raise CheckpointError(f"{source}: without a temporal cross-attention table its backbone could be any of "
+                                  f"{', '.join(candidates)}; name it: model.backbone (e.g. evl eval --set "
+                                  f"model.backbone={candidates[-1]})")
+        backbone = candidates[0]
+    if pos is not None:
+        num_frames = pos.shape[0]
+        if given.get("num_frames") not in (None, num_frames):
+            raise CheckpointError(f"{source} was trained with {num_frames} frames, not {given['num_frames']}")
+    elif given.get("num_frames"):
+        num_frames = int(given["num_frames"])
+    else:
         raise CheckpointError(f"{source}: without a temporal position embedding the frame count cannot be read; "
-                              f"load it with an explicit model config instead")
-    return ModelConfig(backbone=backbone, pretrained="openai", num_frames=pos.shape[0], num_classes=num_classes,
-                       decoder_num_layers=layers, decoder_qkv_dim=qkv_dim, decoder_num_heads=qkv_dim // 64,
-                       decoder_mlp_factor=mlp_hidden / width,
-                       temporal_conv="decoder.temporal.0.conv.weight" in state, temporal_pos_embed=True,
-                       temporal_cross_attention=table is not None)
+                              f"name it: model.num_frames (e.g. evl eval --set model.num_frames=8)")
+    inferred = dict(backbone=backbone, num_frames=num_frames, num_classes=num_classes, decoder_num_layers=layers,
+                    decoder_qkv_dim=qkv_dim, decoder_num_heads=qkv_dim // 64, decoder_mlp_factor=mlp_hidden / width,
+                    temporal_conv="decoder.temporal.0.conv.weight" in state, temporal_pos_embed=pos is not None,
+                    temporal_cross_attention=table is not None)
+    if given.get("quick_gelu") is False:
+        raise CheckpointError(f"{source} is a reference checkpoint: its backbone is OpenAI CLIP, trained with "
+                              f"QuickGELU; model.quick_gelu=false would change its features")
+    clash = [f"{k}: checkpoint has {v!r}, given {given[k]!r}" for k, v in inferred.items()
+             if k not in ("backbone", "num_frames") and given.get(k) is not None and _norm(k, given[k]) != _norm(k, v)]
+    if clash:
+        raise CheckpointError(f"{source} does not match the given model settings:\n  " + "\n  ".join(clash))
+    # The reference trains on OpenAI CLIP, which uses QuickGELU, whatever the user's weights file is called.
+    return from_dict(ModelConfig, {"pretrained": "openai", **given, **inferred, "quick_gelu": True})
 
 
 def check_compatible(ckpt: Checkpoint, model_cfg: ModelConfig, backbone_weights: str | None) -> None:
     """Refuse a checkpoint made for another configuration, naming every difference."""
-    problems = [f"{name}: checkpoint has {getattr(ckpt.model, name)!r}, model has {getattr(model_cfg, name)!r}"
+    saved, model_cfg = _settled(ckpt.model), _settled(model_cfg)
+    problems = [f"{name}: checkpoint has {getattr(saved, name)!r}, model has {getattr(model_cfg, name)!r}"
                 for name in STRUCTURAL_FIELDS
-                if _norm(name, getattr(ckpt.model, name)) != _norm(name, getattr(model_cfg, name))]
+                if _norm(name, getattr(saved, name)) != _norm(name, getattr(model_cfg, name))]
     if ckpt.backbone_weights and backbone_weights and ckpt.backbone_weights != backbone_weights:
         problems.append(f"backbone weights: checkpoint was trained on {ckpt.backbone_weights}, "
                         f"model has {backbone_weights}")
     if problems:
         raise CheckpointError("checkpoint does not match this model:\n  " + "\n  ".join(problems))
+
+
+def _settled(cfg: ModelConfig) -> ModelConfig:
+    """The config with its backbone named one way (`ViT-B-16-quickgelu` -> `ViT-B-16`, quick_gelu true), as
+    checkpoints written before the activation was recorded may name it either way."""
+    from evl.backbone import resolve_activation
+
+    backbone, quick_gelu = resolve_activation(cfg.backbone, cfg.pretrained, cfg.quick_gelu)
+    return dataclasses.replace(cfg, backbone=backbone, quick_gelu=quick_gelu)
 
 
 def _norm(name: str, value: Any) -> Any:
@@ -149,9 +202,9 @@ def load_into(classifier: torch.nn.Module, ckpt: Checkpoint, backbone_weights: s
                               f"unexpected {result.unexpected_keys}")
 
 
-def model_config_of(ckpt: Checkpoint, **overrides: Any) -> ModelConfig:
-    """The checkpoint's model config, with e.g. `pretrained` swapped for a local weights file."""
-    cfg = dataclasses.replace(ckpt.model, **overrides)
+def model_config_of(ckpt: Checkpoint, given: dict[str, Any] | None = None) -> ModelConfig:
+    """The model to run a checkpoint with: its own config under the settings the user stated (a local weights
+    file, a precision). A stated structural change (frames, depth...) is refused later by `load_into`."""
+    cfg = from_dict(ModelConfig, {**to_dict(ckpt.model), **(given or {})})
     cfg.validate()
     return cfg
-

@@ -29,6 +29,7 @@ class ModelConfig:
     backbone: str = "ViT-B-16"  # open_clip model name (custom configs registered with add_model_config work)
     pretrained: str | None = "openai"  # open_clip tag, a local .pt/.safetensors file, or null for random weights
     backbone_seed: int = 0  # seeds the random backbone when pretrained is null, so every process builds the same one
+    quick_gelu: bool | None = None  # CLIP's activation; null: as the weights say (tag, -quickgelu name), else GELU
     num_frames: int = 8
     num_classes: int = 400
     decoder_num_layers: int = 4
@@ -62,6 +63,8 @@ class DataConfig:
     num_temporal_views: int = 3  # test-time views evenly spaced in time
     num_spatial_views: int = 1  # test-time crops: 1 (center) or 3 (along the long side)
     decode_short_side: int | None = None  # resize the short side while decoding; null: keep the video's size
+    eval_resize_while_decoding: bool = False  # test views resized by the decoder's scaler: faster, not the
+    # reference's preprocessing (that resizes full-size frames, torch bilinear without antialias; README)
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"  # timm RandAugment spec, same ops on every frame
     min_scale: float = 0.08  # RandomResizedCrop scale range
     max_scale: float = 1.0

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from evl.backbone import BackboneSpec, BlockFeatures, FrozenCLIPBackbone, backbone_spec
+from evl.backbone import BackboneSpec, BlockFeatures, FrozenCLIPBackbone, backbone_spec, resolve_activation
 from evl.config import ConfigError, ModelConfig
 from evl.decoder import EVLDecoder
 from evl.video.transforms import normalize
@@ -21,8 +21,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_model_config(cfg: ModelConfig) -> tuple[ModelConfig, BackboneSpec]:
-    """Fill the backbone-dependent defaults (qkv dim, heads) and check the config against the backbone."""
+    """Fill the backbone-dependent defaults (qkv dim, heads), settle the backbone's name and activation
+    (`resolve_activation`: `ViT-B-16-quickgelu` becomes `ViT-B-16` with quick_gelu true) and check the config
+    against the backbone."""
     cfg.validate()
+    backbone, quick_gelu = resolve_activation(cfg.backbone, cfg.pretrained, cfg.quick_gelu)
+    cfg = dataclasses.replace(cfg, backbone=backbone, quick_gelu=quick_gelu)
     spec = backbone_spec(cfg.backbone)
     if cfg.decoder_num_layers > spec.layers:
         raise ConfigError(f"model.decoder_num_layers={cfg.decoder_num_layers} exceeds the depth of {cfg.backbone} "
@@ -63,8 +67,9 @@ class EVL(nn.Module):
         super().__init__()
         self.classifier = EVLClassifier(cfg)
         self.config = self.classifier.config
+        cfg = self.config
         self.backbone = backbone or FrozenCLIPBackbone(
-            cfg.backbone, cfg.pretrained, cfg.decoder_num_layers, seed=cfg.backbone_seed)
+            cfg.backbone, cfg.pretrained, cfg.decoder_num_layers, seed=cfg.backbone_seed, quick_gelu=cfg.quick_gelu)
 
     @property
     def image_size(self) -> int:

@@ -79,3 +79,68 @@ def test_openai_tag_is_known_for_reference_backbones():
     for name in ("ViT-B-16", "ViT-L-14", "ViT-L-14-336"):
         assert "openai" in open_clip.list_pretrained_tags_by_model(name)
         assert open_clip.get_pretrained_cfg(name, "openai").get("quick_gelu")  # hence force_quick_gelu
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The activation is part of the backbone: every way of naming the same weights gives the same model.
+
+
+def _tiny_weights_file(tmp_path, seed: int = 1) -> str:
+    torch.manual_seed(seed)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(open_clip.create_model("EVL-Tiny", pretrained=None).state_dict(), path)
+    return str(path)
+
+
+def _explicit_quickgelu_tokens(path: str, images: torch.Tensor) -> torch.Tensor:
+    """The last block's output of open_clip's EVL-Tiny with QuickGELU forced, written out with open_clip alone."""
+    visual = open_clip.create_model("EVL-Tiny", pretrained=path, force_quick_gelu=True).visual.eval()
+    assert isinstance(visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    with torch.no_grad():
+        x = visual._embeds(images)
+        for block in visual.transformer.resblocks:
+            x = block(x)
+    return x
+
+
+def test_every_route_to_quickgelu_weights_gives_the_same_model(tmp_path):
+    from evl.backbone import resolve_activation
+
+    path = _tiny_weights_file(tmp_path)
+    images = torch.randn(2, 3, 32, 32)
+    expected = _explicit_quickgelu_tokens(path, images)
+    hub_dir = tmp_path / "hub"
+    hub_dir.mkdir()
+    (hub_dir / "open_clip_model.pt").write_bytes(open(path, "rb").read())
+    (hub_dir / "open_clip_config.json").write_text('{"model_cfg": {"quick_gelu": true}, "preprocess_cfg": {}}')
+    routes = {
+        "-quickgelu name + file": FrozenCLIPBackbone("EVL-Tiny-quickgelu", path, 1),
+        "quick_gelu=True + file": FrozenCLIPBackbone("EVL-Tiny", path, 1, quick_gelu=True),
+        "hub file with its config": FrozenCLIPBackbone("EVL-Tiny", str(hub_dir / "open_clip_model.pt"), 1),
+    }
+    for route, backbone in routes.items():
+        assert backbone.quick_gelu and backbone.spec.name == "EVL-Tiny", route
+        torch.testing.assert_close(backbone(images)[-1].tokens, expected, atol=1e-6, rtol=1e-6, msg=route)
+    assert routes["-quickgelu name + file"].weights_id == routes["quick_gelu=True + file"].weights_id
+
+    plain = FrozenCLIPBackbone("EVL-Tiny", path, 1)  # a bare file cannot say: GELU, with a warning
+    assert not plain.quick_gelu
+    assert (plain(images)[-1].tokens - expected).abs().max() > 1e-3  # GELU really gives other features
+    # The tag's own record decides for open_clip tags (no download needed to resolve it).
+    assert resolve_activation("ViT-B-16", "openai") == ("ViT-B-16", True)
+    assert resolve_activation("ViT-B-16-quickgelu", None) == ("ViT-B-16", True)
+    assert resolve_activation("ViT-L-14-336", None) == ("ViT-L-14-336", False)
+
+
+def test_bare_weights_file_warns_and_contradictions_are_refused(tmp_path, caplog):
+    from evl.backbone import resolve_activation
+
+    path = _tiny_weights_file(tmp_path)
+    with caplog.at_level("WARNING", logger="evl.backbone"):
+        assert resolve_activation("EVL-Tiny", path) == ("EVL-Tiny", False)
+    assert "does not say which activation" in caplog.text and "model.quick_gelu: true" in caplog.text
+    with pytest.raises(ConfigError, match="model.quick_gelu=false says GELU but the open_clip tag 'openai' says "
+                                          "QuickGELU"):
+        resolve_activation("ViT-B-16", "openai", quick_gelu=False)
+    with pytest.raises(ConfigError, match="EVL-Tiny-quickgelu"):
+        resolve_activation("EVL-Tiny-quickgelu", path, quick_gelu=False)

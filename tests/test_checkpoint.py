@@ -103,3 +103,72 @@ def test_garbage_files_fail_clearly(tmp_path):
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(CheckpointError, match="neither an EVL checkpoint nor a reference checkpoint"):
         load_checkpoint(other)
+
+
+def _strip(sd: dict, *parts: str) -> dict:
+    return {k: v for k, v in sd.items() if not any(part in k for part in parts)}
+
+
+def test_reference_checkpoint_backbone_is_quickgelu_openai_clip(tmp_path):
+    path = tmp_path / "ref.pth"
+    torch.save({"model": reference_layout_state_dict()}, path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.model.quick_gelu is True and ckpt.model.pretrained == "openai"
+    # The README's way of naming OpenAI weights in a local file fits it, as does the plain name with a file.
+    for backbone in ("ViT-B-16-quickgelu", "ViT-B-16"):
+        classifier = EVLClassifier(ModelConfig(backbone=backbone, pretrained=None, quick_gelu=True))
+        load_into(classifier, ckpt, backbone_weights=None)
+    gelu = EVLClassifier(ModelConfig(backbone="ViT-B-16", pretrained=None, quick_gelu=False))
+    with pytest.raises(CheckpointError, match="quick_gelu: checkpoint has True, model has False"):
+        load_into(gelu, ckpt, backbone_weights=None)
+    with pytest.raises(CheckpointError, match="OpenAI CLIP, trained with QuickGELU"):
+        load_checkpoint(path, given={"quick_gelu": False})
+
+
+def test_reference_checkpoint_without_position_embedding_takes_the_stated_frame_count(tmp_path):
+    path = tmp_path / "no_pos.pth"
+    torch.save({"model": _strip(reference_layout_state_dict(), "temporal_pos_embed")}, path)
+    with pytest.raises(CheckpointError, match="--set model.num_frames=8"):
+        load_checkpoint(path)
+    ckpt = load_checkpoint(path, given={"num_frames": 16})
+    assert ckpt.model.num_frames == 16 and ckpt.model.temporal_pos_embed is False
+    load_into(EVLClassifier(dataclasses.replace(ckpt.model, pretrained=None)), ckpt, backbone_weights=None)
+    with_pos = tmp_path / "with_pos.pth"
+    torch.save({"model": reference_layout_state_dict()}, with_pos)
+    with pytest.raises(CheckpointError, match="trained with 8 frames, not 16"):
+        load_checkpoint(with_pos, given={"num_frames": 16})
+
+
+def test_reference_backbone_is_named_when_the_shapes_cannot_tell(tmp_path):
+    l14_336 = reference_layout_state_dict(width=1024, rows=2209, layers=1, classes=4)
+    path = tmp_path / "l14_336.pth"
+    torch.save({"model": l14_336}, path)
+    assert load_checkpoint(path).model.backbone == "ViT-L-14-336"  # the cross-attention table tells
+
+    no_table = tmp_path / "l14_no_xattn.pth"
+    torch.save({"model": _strip(l14_336, "cross_attention")}, no_table)
+    with pytest.raises(CheckpointError, match="could be any of ViT-L-14, ViT-L-14-336.*model.backbone"):
+        load_checkpoint(no_table)
+    ckpt = load_checkpoint(no_table, given={"backbone": "ViT-L-14-336"})
+    assert ckpt.model.backbone == "ViT-L-14-336" and not ckpt.model.temporal_cross_attention
+    with pytest.raises(CheckpointError, match="was not trained on ViT-B-16"):
+        load_checkpoint(no_table, given={"backbone": "ViT-B-16"})
+    with pytest.raises(CheckpointError, match="was not trained on ViT-L-14"):
+        load_checkpoint(path, given={"backbone": "ViT-L-14"})  # 2209 rows is a 24 x 24 grid, not 16 x 16
+    with pytest.raises(CheckpointError, match="decoder_num_layers: checkpoint has 1, given 4"):
+        load_checkpoint(path, given={"decoder_num_layers": 4})
+
+
+def test_project_checkpoint_records_the_activation(tmp_path, tiny_model_config):
+    quick = dataclasses.replace(tiny_model_config, backbone="EVL-Tiny-quickgelu")
+    model = build_model(quick)
+    assert model.config.backbone == "EVL-Tiny" and model.config.quick_gelu is True
+    path = tmp_path / "decoder.pt"
+    save_checkpoint(path, model.classifier, model.config, model.backbone.weights_id)
+    saved = load_checkpoint(path).model
+    assert (saved.backbone, saved.quick_gelu) == ("EVL-Tiny", True)
+    same = build_model(dataclasses.replace(tiny_model_config, quick_gelu=True))
+    load_into(same.classifier, load_checkpoint(path), same.backbone.weights_id)
+    other = build_model(tiny_model_config)
+    with pytest.raises(CheckpointError, match="quick_gelu: checkpoint has True, model has False"):
+        load_into(other.classifier, load_checkpoint(path), other.backbone.weights_id)

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg)
 
     print("[4/4] multi-view evaluation of the best checkpoint ...", flush=True)
-    evaluation, names = evaluate_checkpoint(result.checkpoint_dir, cfg.data.val_manifest, cfg.data)
+    evaluation, names = evaluate_checkpoint(result.checkpoint_dir, cfg.data.val_manifest)
     motion = [i for i, n in enumerate(names) if n in MOTION_CLASSES]
     correct = sum(int(evaluation.confusion[i, i]) for i in motion)
     total = sum(int(evaluation.confusion[i].sum()) for i in motion)

@@ -8,19 +8,22 @@ confusion matrix and per-class CSV.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
-from evl.config import Config, DataConfig, load_config
+from evl.config import Config, DataConfig, apply_overrides, from_dict, read_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
                         help="decoder.pt, a Ray checkpoint directory holding one, or a reference .pth")
     parser.add_argument("--manifest", required=True, help="Parquet manifest from `evl prepare`")
-    parser.add_argument("--config", default=None, help="YAML for the data options (views, stride)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--config", default=None,
+                        help="YAML whose data options (views, stride) and model options replace the checkpoint's")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="e.g. --set data.num_temporal_views=3, or what a reference checkpoint cannot tell: "
+                             "--set model.num_frames=8, --set model.backbone=ViT-L-14-336")
     parser.add_argument("--pretrained", default=None,
                         help="backbone weights (open_clip tag or file) instead of the checkpoint's")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -29,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides) if args.config or args.overrides else Config()
-    result, names = evaluate_checkpoint(args.checkpoint, args.manifest, cfg.data, pretrained=args.pretrained,
+    given = stated_settings(args.config, args.overrides, args.pretrained)
+    result, names = evaluate_checkpoint(args.checkpoint, args.manifest, given.get("data"), given.get("model"),
                                         batch_size=args.batch_size, device=args.device)
     print(f"{result.num_videos} videos  top-1 {result.top1:.4f}  top-5 {result.top5:.4f}")
     for i, name in enumerate(names):
@@ -47,6 +50,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def stated_settings(config: str | None, overrides: list[str], pretrained: str | None = None) -> dict[str, dict]:
+    """What the user stated for each section (the YAML, then --set, then --pretrained), without the defaults:
+    a checkpoint's own settings fill the rest. Checked like any config (unknown keys, types)."""
+    raw = apply_overrides(read_yaml(config) if config else {}, overrides)
+    if pretrained:
+        raw.setdefault("model", {})["pretrained"] = pretrained
+    from_dict(Config, raw).validate()
+    return {section: dict(raw.get(section) or {}) for section in ("model", "data")}
+
+
 def find_decoder_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
@@ -54,29 +67,44 @@ def find_decoder_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def evaluate_checkpoint(checkpoint: str | Path, manifest: str, data: DataConfig, pretrained: str | None = None,
-                        batch_size: int = 8, device: str | None = None):
-    """Returns (EvalResult, class names)."""
+def load_for_inference(checkpoint: str | Path, model: dict[str, Any] | None = None, device: str = "cpu"):
+    """(Checkpoint, EVL model in eval mode) for a decoder checkpoint, under the stated model settings.
+
+    A project checkpoint must meet the backbone weights it was trained on, unless other weights are stated.
+    """
+    from evl.checkpoint import load_checkpoint, load_into, model_config_of
+    from evl.model import build_model
+
+    model = model or {}
+    ckpt = load_checkpoint(find_decoder_checkpoint(checkpoint), given=model)
+    net = build_model(model_config_of(ckpt, model), device).eval()
+    load_into(net.classifier, ckpt, None if "pretrained" in model else net.backbone.weights_id)
+    return ckpt, net
+
+
+def test_data_config(ckpt, data: dict[str, Any] | None = None) -> DataConfig:
+    """The test views to evaluate with: the stated ones, else those the run evaluated with, else the defaults."""
+    return from_dict(DataConfig, {**ckpt.extra.get("test_views", {}), **(data or {})})
+
+
+def evaluate_checkpoint(checkpoint: str | Path, manifest: str, data: dict[str, Any] | None = None,
+                        model: dict[str, Any] | None = None, batch_size: int = 8, device: str | None = None):
+    """Returns (EvalResult, class names). data/model: stated settings (see `stated_settings`)."""
     import torch
 
-    from evl.checkpoint import load_checkpoint, load_into
     from evl.metrics import ViewAccumulator
-    from evl.model import build_model
     from evl.video.kinetics import kinetics400_classes
     from workflows.data import eval_dataset
     from workflows.runtime import ensure_ray
 
-    ckpt = load_checkpoint(find_decoder_checkpoint(checkpoint))
-    model_cfg = ckpt.model if pretrained is None else dataclasses.replace(ckpt.model, pretrained=pretrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(model_cfg, device).eval()
-    load_into(model.classifier, ckpt, model.backbone.weights_id if pretrained is None else None)
+    ckpt, net = load_for_inference(checkpoint, model, device)
     names = ckpt.class_names or kinetics400_classes()
 
     ensure_ray()
-    cfg = Config(model=model_cfg, data=data)
-    views = ViewAccumulator(model_cfg.num_classes)
+    cfg = Config(model=net.config, data=test_data_config(ckpt, data))
+    views = ViewAccumulator(net.config.num_classes)
     with torch.inference_mode():
-        for batch in eval_dataset(cfg, model.image_size, manifest).iter_torch_batches(batch_size=batch_size):
-            views.add(model(batch["clip"].to(device)), batch["label"], batch["video"])
+        for batch in eval_dataset(cfg, net.image_size, manifest).iter_torch_batches(batch_size=batch_size):
+            views.add(net(batch["clip"].to(device)), batch["label"], batch["video"])
     return views.result(), names
