@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> torch.Tensor:
@@ -42,7 +43,7 @@ class ViewAccumulator:
                 self.scores[video] += p
                 self.views[video] += state["views"][video]
             else:
-                self.scores[video] = p
+                self.scores[video] = p.copy()  # not the other state's array: later merges add into this one
                 self.labels[video], self.views[video] = state["labels"][video], state["views"][video]
 
     def result(self) -> EvalResult:
@@ -51,6 +52,20 @@ class ViewAccumulator:
             np.zeros((0, self.num_classes))
         labels = np.array([self.labels[v] for v in videos], dtype=np.int64)
         return EvalResult.from_scores(scores, labels, self.num_classes)
+
+
+def gather_views(views: ViewAccumulator) -> ViewAccumulator:
+    """Every worker's per-video scores merged into one accumulator (the views of one video may be spread over
+    workers). A collective: every rank of the initialised torch.distributed group calls it, and every rank gets
+    the merged result. Without such a group, or with one rank, returns `views` itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return views
+    states: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, views.state())
+    merged = ViewAccumulator(views.num_classes)
+    for state in states:
+        merged.merge(state)
+    return merged
 
 
 @dataclass
