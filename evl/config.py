@@ -63,8 +63,6 @@ class DataConfig:
     num_temporal_views: int = 3  # test-time views evenly spaced in time
     num_spatial_views: int = 1  # test-time crops: 1 (center) or 3 (along the long side)
     decode_short_side: int | None = None  # resize the short side while decoding; null: keep the video's size
-    eval_resize_while_decoding: bool = False  # test views resized by the decoder's scaler: faster, not the
-    # reference's preprocessing (that resizes full-size frames, torch bilinear without antialias; README)
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"  # timm RandAugment spec, same ops on every frame
     min_scale: float = 0.08  # RandomResizedCrop scale range
     max_scale: float = 1.0

@@ -139,16 +139,16 @@ def test_train_transform_without_rand_augment_crops_the_frame_content():
 
 
 def test_short_side_resize_and_three_crops_along_long_side():
-    w = 90
+    w = 91
     ramp = np.broadcast_to(np.linspace(0, 255, w, dtype=np.float32)[None, None, :, None], (2, 30, w, 3))
-    clip = torch.from_numpy(ramp.astype(np.uint8).copy()).permute(0, 3, 1, 2)  # [2, 3, 30, 90]
-    resized = resize_short_side(clip, 20)
-    assert resized.shape == (2, 3, 20, 60)
-    views = spatial_crops(resized, 20, 3)
+    resized = resize_short_side(ramp.astype(np.uint8), 20)
+    assert resized.shape == (2, 20, 60, 3) and resized.dtype == np.uint8  # 91 * 20 // 30 = 60 (floor)
+    clip = torch.from_numpy(resized).permute(0, 3, 1, 2)  # [2, 3, 20, 60]
+    views = spatial_crops(clip, 20, 3)
     assert views.shape == (3, 2, 3, 20, 20)
     means = [v.float().mean().item() for v in views]
     assert means[0] < means[1] < means[2]  # left, centre, right
-    centre = spatial_crops(resized, 20, 1)
+    centre = spatial_crops(clip, 20, 1)
     assert centre.shape == (1, 2, 3, 20, 20) and torch.equal(centre[0], views[1])
 
 

@@ -174,20 +174,19 @@ class EvalDecoder(_Decoder):
 
     def __init__(self, num_frames: int, sampling_rate: int, image_size: int, temporal_views: int,
                  spatial_views: int):
-        super().__init__(image_size)  # decode straight to the test size: short side = S
+        super().__init__(None)  # evl.video.views decodes at full size, then resizes as the reference does
+        import cv2
+
+        cv2.setNumThreads(1)  # the resize: one core per actor, as torch above
         self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
         self.temporal_views, self.spatial_views = temporal_views, spatial_views
 
-    def _views(self, row: dict):
-        from evl.video.sampling import test_indices
-        from evl.video.transforms import test_views
+    def _views(self, row: dict) -> np.ndarray:
+        from evl.video.views import video_test_views
 
-        indices = test_indices(int(row["num_frames"]), self.num_frames, self.sampling_rate,
-                               self.temporal_views)  # [Vt, T]
-        frames = self._frames(row, indices.reshape(-1))  # [Vt*T, H, W, 3]
-        per_time = frames.reshape(self.temporal_views, self.num_frames, *frames.shape[1:])
-        return np.concatenate([test_views(f, self.image_size, self.spatial_views).numpy()
-                               for f in per_time])  # [Vt*Vs, T, 3, S, S]
+        return video_test_views(row["path"], self.num_frames, self.sampling_rate, self.temporal_views,
+                                self.spatial_views, self.image_size, video_frames=int(row["num_frames"]),
+                                size=(int(row["width"]), int(row["height"]))).numpy()  # [Vt*Vs, T, 3, S, S]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         out = {"clip": [], "label": [], "video": [], "view": []}

@@ -63,15 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def video_views(path: str, num_frames: int, sampling_rate: int, temporal_views: int, spatial_views: int,
                 image_size: int):
-    """All test views of one video: uint8 [temporal * spatial, T, 3, S, S]."""
-    import torch
+    """All test views of one video: uint8 [temporal * spatial, T, 3, S, S] (see evl.video.views)."""
+    from evl.video.views import video_test_views
 
-    from evl.video.decode import probe, read_frames
-    from evl.video.sampling import test_indices
-    from evl.video.transforms import test_views
-
-    info = probe(path)
-    indices = test_indices(info.num_frames, num_frames, sampling_rate, temporal_views)  # [V, T]
-    frames = read_frames(path, indices.reshape(-1), short_side=image_size)  # [V*T, H, W, 3]
-    per_view = frames.reshape(temporal_views, num_frames, *frames.shape[1:])
-    return torch.cat([test_views(f, image_size, spatial_views) for f in per_view])
+    return video_test_views(path, num_frames, sampling_rate, temporal_views, spatial_views, image_size)

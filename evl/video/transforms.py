@@ -2,8 +2,9 @@
 
 Clips stay uint8 until the model normalises them on its device: that keeps the data pipeline's memory and
 transfer cost at a quarter of float32. Train: timm RandAugment with the same operations and magnitudes on
-every frame, then one RandomResizedCrop box for all frames. Test: short side resized to the input size,
-then one centre crop or three crops along the long side.
+every frame, then one RandomResizedCrop box for all frames. Test: the reference's preprocessing (short side
+resized to the input size, bilinear without antialiasing; then one centre crop or three crops along the long
+side), within half a grey level of its float result.
 """
 
 from __future__ import annotations
@@ -227,21 +228,40 @@ class TrainTransform:
         return out.contiguous()  # [T, 3, S, S]
 
 
-def resize_short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
-    """[..., 3, H, W] with the short side resized to `size` (bilinear, antialiased), aspect kept."""
-    h, w = clip.shape[-2:]
-    if min(h, w) == size:
-        return clip
-    if h <= w:
-        new = [size, max(size, round(w * size / h))]
-    else:
-        new = [max(size, round(h * size / w)), size]
-    return F.resize(clip, new, interpolation=InterpolationMode.BILINEAR, antialias=True)
+def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) with the short side = `size` and the long side = long * size // short (the reference's
+    floor)."""
+    if height <= width:
+        return size, width * size // height
+    return height * size // width, size
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, h, w, 3] with the short side = `size` (long side: see short_side_size).
+
+    The reference's test resize: bilinear, pixel centres aligned (torch's align_corners=False), edges
+    clamped, no antialiasing. The reference resizes the CLIP-normalised float clip; that normalisation is a
+    per-channel affine map and bilinear weights sum to one, so resizing the 0..255 values as floats and
+    rounding gives its clip within half a grey level once its normalisation is undone. OpenCV's float32
+    INTER_LINEAR is that same interpolation (tests/test_video_views.py checks it against torch's
+    interpolate) and 8-13x faster than torch's on one core; one frame at a time, so full-size frames never
+    all exist as floats at once.
+    """
+    h, w = frames.shape[1:3]
+    new_h, new_w = short_side_size(h, w, size)
+    if (new_h, new_w) == (h, w):
+        return frames
+    out = np.empty((len(frames), new_h, new_w, 3), np.uint8)
+    for frame, target in zip(frames, out):
+        resized = cv2.resize(frame.astype(np.float32), (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        np.clip(np.rint(resized, out=resized), 0, 255, out=resized)
+        target[:] = resized
+    return out
 
 
 def spatial_crops(clip: torch.Tensor, size: int, num_views: int) -> torch.Tensor:
-    """[T, 3, H, W] with min(H, W) == size -> [V, T, 3, size, size]: centre (V=1) or start/centre/end
-    of the long side (V=3)."""
+    """[T, 3, H, W] with min(H, W) == size -> [V, T, 3, size, size]: the reference's crops, centre (V=1) at
+    ((H - size) // 2, (W - size) // 2), or at 0, margin // 2 and margin along the long side (V=3)."""
     if num_views not in (1, 3):
         raise ValueError(f"num_views must be 1 or 3, got {num_views}")
     h, w = clip.shape[-2:]
@@ -257,6 +277,6 @@ def spatial_crops(clip: torch.Tensor, size: int, num_views: int) -> torch.Tensor
 
 
 def test_views(frames: np.ndarray, image_size: int, num_spatial_views: int) -> torch.Tensor:
-    """Frames [T, H, W, 3] uint8 -> spatial views [V, T, 3, S, S] uint8."""
-    clip = resize_short_side(_to_tchw(frames), image_size)
+    """Frames [T, H, W, 3] uint8 -> spatial views [V, T, 3, S, S] uint8 (reference resize, then crops)."""
+    clip = _to_tchw(resize_short_side(frames, image_size))
     return spatial_crops(clip, image_size, num_spatial_views)
