@@ -72,6 +72,8 @@ class DataConfig:
     max_train_videos: int | None = None  # subset for quick runs
     passes_per_epoch: int = 1  # manifest passes (each reshuffled) per Ray Data epoch; >1 keeps the decode
     # actors alive across passes instead of restarting them (seconds each) -- worth it for small datasets
+    deterministic: bool = True  # clips reach the trainers in the seeded order (same seed, same data on every
+    # rank); false: whichever decode actor finishes first goes first (clips themselves stay seeded)
 
     def validate(self) -> None:
         if self.sampling_rate == 0:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from evl.config import Config, ConfigError, TrainConfig
-from evl.metrics import ViewAccumulator, topk_correct
+from evl.metrics import ViewAccumulator, gather_views, topk_correct
 from evl.model import EVL, build_model
 
 
@@ -164,14 +164,7 @@ class Trainer:
 
     def gather_views(self, views: ViewAccumulator) -> ViewAccumulator:
         """Merge every worker's per-video scores (the views of one video may be spread over workers)."""
-        if self.world_size == 1:
-            return views
-        states = [None] * self.world_size
-        dist.all_gather_object(states, views.state())
-        merged = ViewAccumulator(views.num_classes)
-        for state in states:
-            merged.merge(state)
-        return merged
+        return gather_views(views)
 
     def save(self, directory: str | Path, extra: dict[str, Any] | None = None) -> None:
         """DeepSpeed checkpoint (decoder, head, optimizer, scheduler; every rank writes its shard)."""
@@ -192,15 +185,16 @@ def fit(trainer: Trainer, train_batches: Callable[[int], Iterable[dict[str, torc
     """Train until `train.num_steps` optimizer steps, top to bottom.
 
     train_batches(data_pass) yields {"clip": uint8 [B, T, 3, H, W], "label": int64 [B]} micro-batches.
-    Every `log_every` steps on_log gets loss, lr, top-1 on the batches, clips/s, data wait and ETA; every
-    `eval_every` steps (and at the end) `evaluate()` runs; every `checkpoint_every` steps (and at the end)
-    on_checkpoint is called on every rank with the latest metrics, so it can save. Returns the last metrics.
+    on_log gets each metric when it is measured, never a stale copy: every `log_every` steps the training
+    window (loss, lr, top-1 on the batches, clips/s, data wait, ETA), every `eval_every` steps (and at the end)
+    what `evaluate()` returns. Every `checkpoint_every` steps (and at the end) on_checkpoint is called on every
+    rank with the latest of both, so it can save. Returns the latest of both.
     """
     cfg = trainer.cfg.train
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {}  # the last training window's
     latest_eval: dict[str, float] = {}
     first_step, start = trainer.step, time.perf_counter()
-    window = _Window(trainer.device)
+    window = _Window(trainer.device, trainer.world_size)
     data_pass = 0  # one pass over the train dataset: an epoch, or several for small datasets
     while trainer.step < cfg.num_steps:
         batches = 0
@@ -217,21 +211,20 @@ def fit(trainer: Trainer, train_batches: Callable[[int], Iterable[dict[str, torc
                 rate = (step - first_step) / (time.perf_counter() - start)
                 metrics.update(lr=trainer.scheduler.get_last_lr()[0], data_pass=float(data_pass),
                                eta_s=(cfg.num_steps - step) / rate if rate > 0 else float("nan"),
-                               **extra_metrics(), **latest_eval)
+                               **extra_metrics())
                 on_log(step, metrics)
             final = step >= cfg.num_steps
             if evaluate is not None and (step % cfg.eval_every == 0 or final):
                 latest_eval = evaluate()
-                metrics = {**metrics, **latest_eval}
                 on_log(step, latest_eval)
             if step % cfg.checkpoint_every == 0 or final:
-                on_checkpoint(step, metrics)
+                on_checkpoint(step, {**metrics, **latest_eval})
             if final:
-                return metrics
+                return {**metrics, **latest_eval}
         if batches == 0:
             raise RuntimeError("the training data yielded no batches: is the manifest empty, or every video broken?")
         data_pass += 1
-    return metrics
+    return {**metrics, **latest_eval}
 
 
 def _timed(batches: Iterable[Any], window: _Window) -> Iterator[Any]:
@@ -248,10 +241,12 @@ def _timed(batches: Iterable[Any], window: _Window) -> Iterator[Any]:
 
 
 class _Window:
-    """Running sums over one logging interval; synced to the host only when flushed."""
+    """Running sums over one logging interval; synced to the host only when flushed. Every worker takes the
+    same steps, so clips/s counts all of them: this worker's clips times the world size."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, world_size: int = 1):
         self.device = device
+        self.world_size = world_size
         self._reset()
 
     def _reset(self) -> None:
@@ -272,7 +267,7 @@ class _Window:
         elapsed = time.perf_counter() - self.started
         out = {"loss": (self.loss / max(1, self.micro_batches)).item(),
                "train_top1": self.correct.item() / max(1, self.clips),
-               "clips_per_s": self.clips / elapsed if elapsed > 0 else 0.0,
+               "clips_per_s": self.clips * self.world_size / elapsed if elapsed > 0 else 0.0,
                "data_wait_s": self.data_wait, "data_wait_frac": self.data_wait / elapsed if elapsed > 0 else 0.0}
         self._reset()
         return out

@@ -102,6 +102,16 @@ def test_every_execution_draws_a_new_shuffle(manifests):
               for p in b.column("path").to_pylist()]
     thirds = [passes[i * table.num_rows:(i + 1) * table.num_rows] for i in range(3)]
     assert all(sorted(third) == sorted(first) for third in thirds) and thirds[0] != thirds[1]
+    seeded = [TableSource(table, 4, shuffle=True, seed=7) for _ in range(2)]  # two runs of one config
+
+    def rows(source):
+        return [(p, s) for t in source.get_read_tasks(1) for b in t()
+                for p, s in zip(b.column("path").to_pylist(), b.column("seed").to_pylist())]
+
+    epochs = [[rows(source) for _ in range(2)] for source in seeded]
+    assert epochs[0] == epochs[1]  # same seed: same order and per-row seeds, epoch by epoch
+    assert epochs[0][0] != epochs[0][1] and sorted(p for p, _ in epochs[0][0]) == sorted(first)
+    assert len({s for _, s in epochs[0][0] + epochs[0][1]}) == 2 * table.num_rows  # every clip its own seed
     fixed = TableSource(table, rows_per_block=8, shuffle=False)
     assert [p for t in fixed.get_read_tasks(1) for b in t() for p in b.column("path").to_pylist()] == \
         table.column("path").to_pylist()
@@ -121,6 +131,17 @@ def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
         assert row["label"] == labels[row["video"]]
         views.setdefault(int(row["video"]), set()).add(int(row["view"]))
     assert views == {v: set(range(6)) for v in range(8)}
+
+
+def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
+    """The train manifest ends with a truncated file: evaluation goes on without it and counts it."""
+    from workflows.data import decode_failures, eval_dataset
+
+    before = decode_failures()["by_dataset"].get("eval", 0)
+    rows = eval_dataset(config(manifests), IMAGE, manifests["train"]).take_all()
+    assert sorted({int(r["video"]) for r in rows}) == list(range(20))  # the 21st row, the broken one, is missing
+    assert decode_failures()["by_dataset"]["eval"] == before + 1
+    assert manifests["train"].replace("train.parquet", "bad/truncated.mp4") in decode_failures()["files"]
 
 
 def test_pool_size_and_subset(data_ray, manifests):

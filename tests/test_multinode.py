@@ -1,12 +1,12 @@
-"""A real three-node Ray cluster on this machine, started with the `ray start` CLI as on a real cluster: a head
-with no custom resources, a CPU "decode" node carrying `decode_node` and a "trainer" node carrying
-`trainer_node` (the resources ray_cluster.yaml gives its node types). `evl train` runs against it with decoding
-pinned to `decode_node` and the trainers to `trainer_node`, and Ray's state API (the dashboard's REST API, as
-`ray list actors` uses) shows where every decode actor, decode task and training worker actually ran.
+"""A real three-node Ray cluster on this machine, started with the `ray start` CLI as on a real cluster, with
+token authentication: a head that runs no work (0 CPUs, no custom resources), a CPU "decode" node carrying
+`decode_node` and a "trainer" node carrying `trainer_node` (the resources ray_cluster.yaml gives its node
+types). `evl train` is submitted to it with `ray job submit`, decoding pinned to `decode_node` and the trainers
+to `trainer_node`, and Ray's state API (the dashboard's REST API, as `ray list actors` uses) shows where every
+decode actor, decode task and training worker actually ran.
 
-Every node has spare CPUs (the head too), so work that ignored the pinning could land on another node.
-
-The cluster helpers here are also used by tests/test_job_submit.py.
+The decode and trainer nodes both have spare CPUs, so work that ignored the pinning could land on the other.
+The cluster helpers here are also used by tests/test_cluster_spot_drain.py.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ def finished_run(work: Path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
-    assert {"val_top1", "val_top5", "lr", "decode_failures"} <= set(run.data.metrics)
+    assert {"val_top1", "val_top5", "lr", "system/decode_failures"} <= set(run.data.metrics)
     assert run.data.params["model.backbone"] == "EVL-Tiny"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/decoder.pt"]
     assert str(work / "mlartifacts") in run.info.artifact_uri, run.info.artifact_uri
@@ -237,14 +237,14 @@ def finished_run(work: Path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """Head (1 CPU, no custom resources), decode node (2 CPUs, decode_node), trainer node (3 CPUs,
+    """Head (no CPUs, no custom resources), decode node (2 CPUs, decode_node), trainer node (3 CPUs,
     trainer_node); the nodes by role."""
     c = LocalCluster()
     try:
-        c.start_head(num_cpus=1)
+        c.start_head(num_cpus=0)  # the head runs no work, as on a real cluster
         c.add_node("decode", num_cpus=2, decode_node=1)
         c.add_node("trainer", num_cpus=3, trainer_node=1)
-        nodes = c.wait_for_nodes(3)
+        nodes = c.wait_for_nodes(3, ready="/api/jobs/")  # and the job API answers
         roles = {}
         for node in nodes:
             resources = node["resources_total"]
@@ -257,17 +257,64 @@ def cluster():
         c.stop()
 
 
-def test_decode_and_training_run_on_their_nodes(cluster, tmp_path):
+def ray_job(cluster: LocalCluster, command: str, *args: str, log: Path, timeout: float = 120):
+    """`ray job <command> --address <dashboard> ARGS` with the cluster's token (RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN_PATH, as the README has users set them)."""
+    return run_logged([str(BIN / "ray"), "job", command, "--address", cluster.dashboard_url, "--log-color", "false",
+                       *args], log, timeout=timeout, env=cluster.env(), cwd=ROOT)
+
+
+def test_submitted_job_decodes_and_trains_on_their_nodes(cluster, tmp_path):
+    """`ray job submit` as the README documents it: the working directory uploaded with the excludes of
+    cluster/runtime_env.yaml, `evl train` run from the copy on the head, `ray job status` / `ray job logs` reading
+    it back (the project's lines only), the run in MLflow; and Ray's state API showing every decode actor and
+    task on the decode node, every trainer on the trainer node, nothing on the head."""
+    import urllib.error
+    import uuid
+
+    with pytest.raises(urllib.error.HTTPError) as refused:  # the cluster refuses requests without the token
+        urllib.request.urlopen(cluster.dashboard_url + "/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+
     manifests = write_tiny_dataset(tmp_path / "synth")
     overrides = tiny_overrides(manifests, tmp_path) + [
         "data.decode_resources={decode_node: 0.001}", "scaling.resources_per_worker={trainer_node: 0.001}"]
-    log = tmp_path / "train.log"
-    cmd = [*evl_command(), "train", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
-           "--address", cluster.gcs_address, *set_flags(overrides)]
-    done = run_logged(cmd, log, timeout=900, cwd=ROOT, env=cluster.env())
-    assert done.returncode == 0, f"evl train failed\n{tail_of(log)}"
-    assert "step 3/3 loss" in log.read_text() and "validation top-1" in log.read_text(), tail_of(log)
-    finished_run(tmp_path)
+    job_id = f"evl-test-{uuid.uuid4().hex[:8]}"
+    submit = ray_job(cluster, "submit", "--working-dir", str(ROOT),
+                     "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--submission-id", job_id,
+                     "--", *evl_command(), "train", "--config", "configs/tiny_cpu.yaml", *set_flags(overrides),
+                     log=tmp_path / "submit.log", timeout=900)  # blocks, following the logs, until the job ends
+    assert submit.returncode == 0, f"ray job submit failed\n{tail_of(tmp_path / 'submit.log')}"
+    status = ray_job(cluster, "status", job_id, log=tmp_path / "status.log")
+    assert status.returncode == 0 and f"Job '{job_id}' succeeded" in (tmp_path / "status.log").read_text(), \
+        tail_of(tmp_path / "status.log")
+
+    logs = ray_job(cluster, "logs", job_id, log=tmp_path / "logs.log")
+    text = (tmp_path / "logs.log").read_text()
+    assert logs.returncode == 0, tail_of(tmp_path / "logs.log")
+    job_output = text.split(f"Running entrypoint for job {job_id}:", 1)[1].splitlines()[1:]
+    assert job_output[0].startswith("training tiny-cpu: EVL-Tiny EVL, 4 frames"), text
+    for line in ("  step 3/3  loss", "  step 3: validation top-1", "  validation top-1 ", "run tiny-cpu-"):
+        assert any(out.startswith(line) for out in job_output), f"{line!r} not in the job's logs\n{text}"
+    strangers = [line for line in job_output if not line.startswith(("training ", "  ", "run ")) and line]
+    assert not strangers, strangers  # Ray's, DeepSpeed's and MLflow's chatter went to the job's log file
+    run = finished_run(tmp_path)
+    assert f"MLflow run {run.info.run_id}" in text
+    assert run.data.params["data.train_manifest"] == manifests["train"]
+
+    # The job ran from the uploaded copy of the repository, which left out what the excludes name.
+    package = cluster.api(f"/api/jobs/{job_id}")["runtime_env"]["working_dir"]
+    assert package.startswith("gcs://_ray_pkg_"), package
+    unpacked = (cluster.root / "head" / "session_latest" / "runtime_resources" / "working_dir_files" /
+                package.removeprefix("gcs://").removesuffix(".zip"))
+    assert unpacked.is_dir(), package
+    shipped = {p.name for p in unpacked.iterdir()}
+    assert {"workflows", "evl", "configs", "cluster", "pyproject.toml"} <= shipped, sorted(shipped)
+    unwanted = shipped & {".venv", ".git", "data", "runs", "mlruns", "mlflow.db"}
+    assert not unwanted, f"uploaded with the job: {sorted(unwanted)}"
+    # logs/ (excluded from the upload) holds only what this job's driver wrote there: the library chatter.
+    [library_log] = (unpacked / "logs").iterdir()
+    assert library_log.name.startswith("train-") and f"library logs: logs/{library_log.name}" in text
 
     names = {node_id: role for role, node_id in cluster.nodes.items()}
 
@@ -277,33 +324,36 @@ def test_decode_and_training_run_on_their_nodes(cluster, tmp_path):
             out.setdefault(row.get("class_name") or row["name"], set()).add(names.get(row.get("node_id"), "?"))
         return out
 
-    # Actors: every Ray Data map actor (the decoders) on the decode node, every Ray Train worker on the
+    # Actors: every Ray Data map actor (the train decoders) on the decode node, every Ray Train worker on the
     # trainer node, and at least one of each kind.
     actors = cluster.state("actors")
     decoders = [a for a in actors if a["class_name"].startswith("MapWorker(")]
     trainers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
-    assert {"MapWorker(MapBatches(TrainDecoder))", "MapWorker(MapBatches(EvalDecoder))"} <= \
-        {a["class_name"] for a in decoders}, where(actors)
+    assert "MapWorker(MapBatches(TrainDecoder))" in {a["class_name"] for a in decoders}, where(actors)
     assert len(trainers) >= 2, where(actors)
     assert all(a["node_id"] == cluster.nodes["decode"] for a in decoders), where(decoders)
     assert all(a["node_id"] == cluster.nodes["trainer"] for a in trainers), where(trainers)
 
-    # Tasks: every decode call (the map actors' `submit` tasks) ran on the decode node, the training loop
-    # (`run_train_fn`, once per worker) on the trainer node. Task events arrive asynchronously: wait for them.
+    # Tasks: every decode call (the train map actors' `submit` tasks, the eval decode tasks) ran on the decode
+    # node, the training loop (`run_train_fn`, once per worker) on the trainer node. Task events arrive
+    # asynchronously: wait for them.
+    def is_decode(task: dict) -> bool:
+        return (task["name"].startswith("MapWorker(") and task["name"].endswith(".submit")) or \
+            "decode_eval_views" in task["name"]
+
     deadline = time.monotonic() + 60
     while True:
         tasks = cluster.state("tasks")
-        decode_calls = [t for t in tasks if t["name"].startswith("MapWorker(") and t["name"].endswith(".submit")]
+        decode_calls = [t for t in tasks if is_decode(t)]
         train_fns = [t for t in tasks if t["name"] == "RayTrainWorker.run_train_fn"]
-        kinds = {t["name"] for t in decode_calls}
-        if ({"MapWorker(MapBatches(TrainDecoder)).submit", "MapWorker(MapBatches(EvalDecoder)).submit"} <= kinds
-                and len(train_fns) >= 2) or time.monotonic() > deadline:
+        train_decodes = [t for t in decode_calls if "TrainDecoder" in t["name"]]
+        eval_decodes = [t for t in decode_calls if "decode_eval_views" in t["name"]]
+        if (train_decodes and eval_decodes and len(train_fns) >= 2) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert {"MapWorker(MapBatches(TrainDecoder)).submit", "MapWorker(MapBatches(EvalDecoder)).submit"} <= kinds, \
-        where(tasks)
+    assert train_decodes and eval_decodes, where(tasks)
     assert len(train_fns) >= 2, where(tasks)
     assert all(t["node_id"] == cluster.nodes["decode"] for t in decode_calls), where(decode_calls)
     assert all(t["node_id"] == cluster.nodes["trainer"] for t in train_fns), where(train_fns)
-    # Nothing of the above on the head.
+    # Nothing of the above on the head, which advertises no CPUs.
     assert cluster.nodes["head"] not in {r["node_id"] for r in decoders + trainers + decode_calls + train_fns}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from evl.config import ConfigError
 from workflows.sweep import sweep, trial_points
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,27 +109,70 @@ def test_grid_sweep_against_a_tracking_server_then_resume(dataset, mlflow_server
     assert table.count("finished") == 4 and "top-1" in table and result.best_text().startswith("best:")
     assert Path(result.csv_path).read_text().count("\n") == 5 and Path(result.heatmap_path).stat().st_size > 0
 
-    resumed = sweep(path, resume=True)
+    resumed = sweep(path, resume="latest")
     assert len(children(client, result.parent_run_id)) == 4  # nothing was trained again
     assert resumed.parent_run_id == result.parent_run_id
     assert [r["status"] for r in resumed.rows] == ["finished"] * 4
 
 
-def test_sweep_against_a_sqlite_store_with_relative_paths(dataset, tmp_path, monkeypatch):
+def test_sweep_against_a_sqlite_store_with_relative_paths_twice(dataset, tmp_path, monkeypatch):
     """As users type it: run from the project folder, manifests and storage relative, the default ./mlflow.db.
-    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started."""
+    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started.
+    Then the same command again: a second sweep of its own, leaving the first as it was."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     relative = Path(os.path.relpath(dataset, tmp_path))
     path = write_sweep(tmp_path, relative, None, frames=[4], depths=[1], storage="sweeps")
     result = sweep(Path("sweep.yaml"))
     assert [r["status"] for r in result.rows] == ["finished"]
-    assert Path(result.csv_path) == tmp_path / "sweeps" / "grid" / "summary.csv" and path.exists()
+    assert result.name.startswith("grid-") and path.exists()
+    assert Path(result.csv_path) == tmp_path / "sweeps" / result.name / "summary.csv"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store beside the sweep, no other
     [run] = children(client, result.parent_run_id)
+    assert run.info.run_name.startswith("f4-d1")  # frames and depth first: the UI cuts long names
     assert run.data.params["trial.num_frames"] == "4" and "val_top1" in run.data.metrics
     assert run.data.params["data.train_manifest"] == str((dataset / "manifests" / "train.parquet").resolve())
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")) == [Path("mlflow.db")]
+    experiment = client.get_experiment_by_name("sweep-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    time.sleep(1)  # sweep folders are named to the second
+    again = sweep(Path("sweep.yaml"))
+    assert again.name != result.name and again.parent_run_id != result.parent_run_id
+    assert [r["status"] for r in again.rows] == ["finished"]
+    for sweep_result in (result, again):  # each parent FINISHED with its own one child; no run left RUNNING
+        assert client.get_run(sweep_result.parent_run_id).info.status == "FINISHED"
+        [child] = children(client, sweep_result.parent_run_id)
+        assert child.info.status == "FINISHED"
+        stored = (tmp_path / "sweeps" / sweep_result.name / "mlflow_parent_run_id").read_text()
+        assert stored == sweep_result.parent_run_id
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 4 and not [r for r in runs if r.info.status == "RUNNING"]
+    with pytest.raises(ConfigError, match="no sweep 'nope' to resume"):
+        sweep(Path("sweep.yaml"), resume="nope")
+
+
+def test_failing_trials_end_their_runs_and_the_sweep_failed(dataset, tmp_path):
+    """Every video of the train manifest is broken: each trial fails; MLflow keeps no run RUNNING."""
+    from evl.video.kinetics import read_manifest, write_manifest
+    from tests.data_helpers import write_bad_videos
+
+    bad = write_bad_videos(tmp_path / "bad")
+    table = read_manifest(str(dataset / "manifests" / "train.parquet")).to_pylist()
+    rows = [{**row, "path": bad[("truncated", "text", "zero_bytes")[i % 3]]} for i, row in enumerate(table)]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    write_manifest(rows, str(broken / "train.parquet"),
+                   classes=json.loads((dataset / "manifests" / "classes.json").read_text()))
+    path = write_sweep(tmp_path, dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", frames=[4], depths=[1])
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"] = [f"data.train_manifest={broken / 'train.parquet'}"]
+    path.write_text(yaml.safe_dump(spec))
+    result = sweep(path)
+    assert [r["status"] for r in result.rows] == ["failed"] and result.best() is None
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(result.parent_run_id).info.status == "FAILED"
+    assert [r.info.status for r in children(client, result.parent_run_id)] == ["FAILED"]
 
 
 def test_grid_covers_every_combination():

@@ -38,9 +38,16 @@ def tiny_config(dataset: Path, tmp_path: Path, *overrides: str):
         *overrides])
 
 
-def test_train_logs_to_mlflow_and_checkpoints(dataset, tmp_path, capsys):
-    cfg = tiny_config(dataset, tmp_path)
-    result = train(cfg)
+@pytest.fixture(scope="module")
+def first_run(dataset, tmp_path_factory):
+    """One run of the tiny config, two decode actors racing to feed two trainers."""
+    tmp_path = tmp_path_factory.mktemp("first")
+    cfg = tiny_config(dataset, tmp_path, "data.decode_workers=2")
+    return cfg, train(cfg), tmp_path
+
+
+def test_train_logs_to_mlflow_and_checkpoints(dataset, first_run, capsys):
+    cfg, result, tmp_path = first_run
     assert 0.0 <= result.metrics["val_top1"] <= 1.0 and result.metrics["step"] == 6
 
     client = MlflowClient(result.tracking_uri)
@@ -48,9 +55,10 @@ def test_train_logs_to_mlflow_and_checkpoints(dataset, tmp_path, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.params["model.num_frames"] == "4" and run.data.params["model.decoder_num_layers"] == "2"
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.backbone"] == "EVL-Tiny"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6]
-    for key in ("lr", "train_top1", "clips_per_s", "data_wait_s", "decode_failures", "val_top1", "val_top5"):
-        assert key in run.data.metrics, key
+    for key in ("loss", "lr", "train_top1", "val_top1", "val_top5", "system/clips_per_s", "system/data_wait_frac",
+                "system/decode_failures"):
+        # each metric once per measurement: train metrics every log step, validation every evaluation
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [3, 6], key
     assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow system metrics from rank 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "confusion_matrix.png", "per_class_accuracy.csv", "skipped_videos.tsv",
@@ -73,6 +81,18 @@ def test_train_logs_to_mlflow_and_checkpoints(dataset, tmp_path, capsys):
     lines = captured.out.splitlines()
     assert lines[0] == str(video) and len(lines) == 4  # the video, then its top classes (3 classes here)
     assert "missing.mp4: skipped" in captured.err
+
+
+def test_same_seed_same_numbers(dataset, first_run, tmp_path):
+    """A second run of the same config on CPU sees the same clips on the same ranks in the same order, however
+    the decode actors race, so every number it logs is the first run's."""
+    cfg, first, _ = first_run
+    again = train(tiny_config(dataset, tmp_path, "data.decode_workers=2"))
+    client = MlflowClient(first.tracking_uri)
+    other = MlflowClient(again.tracking_uri)
+    for key in ("loss", "train_top1", "val_top1", "val_top5"):
+        history = [(m.step, m.value) for m in client.get_metric_history(first.mlflow_run_id, key)]
+        assert history == [(m.step, m.value) for m in other.get_metric_history(again.mlflow_run_id, key)], key
 
 
 def _kill_one_worker_after_first_checkpoint(run_dir_root: Path, done: threading.Event, killed: list) -> None:
@@ -171,3 +191,55 @@ def test_relative_paths_are_anchored_where_the_command_runs(tmp_path, monkeypatc
     assert tagged.model.pretrained == "openai"  # an open_clip tag, not a file
     http = load_config(ROOT / "configs" / "demo.yaml", ["tracking.tracking_uri=http://127.0.0.1:5000"])
     assert anchor_paths(http, tmp_path).tracking.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_reference_checkpoint_with_local_weights_through_evl_eval(dataset, tmp_path, capsys):
+    """A released-format checkpoint (written here, EVL-Tiny sized) evaluated with a local weights file: the
+    backbone is QuickGELU OpenAI-style CLIP whatever the file is called, the views are the reference's, and a
+    broken video in the manifest is skipped and reported."""
+    import json
+
+    import open_clip
+    import torch
+
+    from evl.checkpoint import load_into
+    from evl.config import ModelConfig
+    from evl.metrics import ViewAccumulator
+    from evl.model import build_model
+    from evl.video.kinetics import read_manifest, write_manifest
+    from evl.video.views import video_test_views
+    from tests.data_helpers import write_bad_videos
+    from tests.test_checkpoint import reference_layout_state_dict
+
+    torch.manual_seed(3)
+    weights = tmp_path / "clip_weights.pt"  # a local file: nothing in its name says QuickGELU
+    torch.save(open_clip.create_model("EVL-Tiny", pretrained=None).state_dict(), weights)
+    reference = tmp_path / "k400_tiny_4f.pth"
+    torch.save({"model": reference_layout_state_dict(width=64, frames=4, classes=3, layers=2, rows=49)}, reference)
+    rows = read_manifest(str(dataset / "manifests" / "val.parquet")).to_pylist()
+    broken = write_bad_videos(tmp_path / "bad")["truncated"]
+    manifest = tmp_path / "val_with_a_broken_video.parquet"
+    write_manifest(rows + [{**rows[0], "path": broken}], str(manifest))
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(reference), "--manifest", str(manifest), "--pretrained", str(weights),
+                 "--set", "model.backbone=EVL-Tiny", "--set", "data.sampling_rate=2",
+                 "--set", "data.num_temporal_views=2", "--set", "data.num_spatial_views=3",
+                 "--out", str(tmp_path / "eval")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("6 videos  top-1")
+    assert "1 videos could not be decoded" in captured.err and "truncated.mp4" in captured.err
+    confusion = json.loads((tmp_path / "eval" / "confusion.json").read_text())["matrix"]
+
+    # The same views through an explicitly QuickGELU model in this process.
+    model = build_model(ModelConfig(backbone="EVL-Tiny", pretrained=str(weights), quick_gelu=True, num_frames=4,
+                                    num_classes=3, decoder_num_layers=2, decoder_num_heads=1)).eval()
+    from evl.checkpoint import load_checkpoint
+
+    load_into(model.classifier, load_checkpoint(reference, given={"backbone": "EVL-Tiny"}), backbone_weights=None)
+    views = ViewAccumulator(3)
+    with torch.inference_mode():
+        for video, row in enumerate(rows):
+            clips = video_test_views(row["path"], 4, 2, 2, 3, 32)
+            views.add(model(clips), torch.full((len(clips),), row["label"]), torch.full((len(clips),), video))
+    assert views.result().confusion.tolist() == confusion

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 COMMANDS = {
     "synth": ("workflows.synth", "write a synthetic video dataset (real h264 files, CVDF layout)"),
@@ -23,22 +24,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--verbose", action="store_true",
+                       help="show the libraries' output (Ray, DeepSpeed, MLflow...) here instead of in logs/")
         # Only the chosen command's module is imported: `evl predict` never loads Ray.
         if argv and argv[0] == name:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     from evl.checkpoint import CheckpointError
     from evl.config import ConfigError
+    from workflows import console
 
-    try:
-        return importlib.import_module(COMMANDS[args.command][0]).run(args)
-    except ConfigError as e:
-        print(f"evl {args.command}: configuration error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"evl {args.command}: checkpoint error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    with console.session(args.command, args.verbose) as log:
+        try:
+            return importlib.import_module(COMMANDS[args.command][0]).run(args)
+        except ConfigError as e:
+            console.warn(f"evl {args.command}: configuration error: {e}")
+            return 2
+        except CheckpointError as e:
+            console.warn(f"evl {args.command}: checkpoint error: {e}")
+            return 2
+        except KeyboardInterrupt:
+            console.warn(f"evl {args.command}: interrupted")
+            return 130
+        except Exception as e:
+            if log is None:
+                raise
+            traceback.print_exc()  # into the log
+            console.warn(f"evl {args.command} failed: {type(e).__name__}: {e}\n  the whole story: {log}")
+            return 1

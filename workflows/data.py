@@ -1,7 +1,8 @@
 """Ray Data pipelines that turn a manifest into clips for Ray Train.
 
-train_dataset: manifest rows -> random shuffle (re-drawn every epoch) -> decode + augment on a pool of
-CPU actors -> rows {"clip": uint8 [T, 3, S, S], "label": int64}.
+train_dataset: manifest rows -> seeded shuffle (re-drawn every epoch) -> decode + augment on a pool of
+CPU actors -> rows {"clip": uint8 [T, 3, S, S], "label": int64}; with data.deterministic (default) the same
+seed gives every rank the same clips in the same order.
 eval_dataset: every test view of every video -> rows {"clip", "label", "video", "view"}.
 
 Clips stay uint8 (the model normalises on its device) and move in blocks of `data.decode_batch_size`
@@ -139,16 +140,18 @@ def _failure(row: dict, error: Exception) -> tuple[str, str]:
 
 
 class TrainDecoder(_Decoder):
-    """Manifest rows -> {"clip": uint8 [B, T, 3, S, S], "label": int64 [B]} (B <= rows in)."""
+    """Manifest rows -> {"clip": uint8 [B, T, 3, S, S], "label": int64 [B]} (B <= rows in).
+
+    Each row's frames and augmentation are drawn from its "seed" column (TableSource), so a clip depends on
+    the run's seed and its place in the epoch, not on which actor decodes it."""
 
     def __init__(self, num_frames: int, sampling_rate: int, image_size: int, rand_augment: str | None,
-                 scale: tuple[float, float], short_side: int | None, seed: int | None = None):
+                 scale: tuple[float, float], short_side: int | None):
         super().__init__(short_side)
         from evl.video.transforms import TrainTransform
 
         self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
         self.transform = TrainTransform(image_size, rand_augment, scale)
-        self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Yields nothing when every video of the batch failed (an empty tensor column cannot go to Arrow)."""
@@ -157,8 +160,9 @@ class TrainDecoder(_Decoder):
         clips, labels, failures = [], [], []
         for row in _rows(batch):
             try:
-                indices = train_indices(int(row["num_frames"]), self.num_frames, self.sampling_rate, self.rng)
-                clips.append(self.transform(self._frames(row, indices), self.rng).numpy())
+                rng = np.random.default_rng(int(row["seed"]))
+                indices = train_indices(int(row["num_frames"]), self.num_frames, self.sampling_rate, rng)
+                clips.append(self.transform(self._frames(row, indices), rng).numpy())
                 labels.append(int(row["label"]))
             except Exception as e:  # noqa: BLE001 - one bad video must not stop training
                 failures.append(_failure(row, e))
@@ -218,13 +222,20 @@ class TableSource(Datasource):
     draws a fresh permutation of all rows each epoch without an all-to-all shuffle stage. A read task only
     hands over a few rows of metadata, so it asks for no CPU: the decode actors may hold every CPU without
     starving the reads (with CPU-bound reads or shuffles, a pool holding all CPUs deadlocks).
+
+    With a `seed`, execution e draws its order from (seed, e) and gives every row a "seed" column of its own
+    from the same stream: the clip a row becomes (frames, augmentation) is then fixed by the seed and its place
+    in the epoch, whichever decode actor takes it.
     """
 
-    def __init__(self, table: pa.Table, rows_per_block: int, shuffle: bool = False, passes: int = 1):
+    def __init__(self, table: pa.Table, rows_per_block: int, shuffle: bool = False, passes: int = 1,
+                 seed: int | None = None):
         self.table = table
         self.rows_per_block = max(1, rows_per_block)
         self.shuffle = shuffle
         self.passes = passes  # one execution walks the rows this many times, each pass with its own order
+        self.seed = seed
+        self.executions = 0
 
     def estimate_inmemory_data_size(self) -> int:
         return self.table.nbytes * self.passes
@@ -235,13 +246,17 @@ class TableSource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         n = self.table.num_rows
-        rng = np.random.default_rng()
+        rng = np.random.default_rng(None if self.seed is None else (self.seed, self.executions))
+        self.executions += 1
         passes = [rng.permutation(n) if self.shuffle else np.arange(n) for _ in range(self.passes)]
         order = np.concatenate(passes)
+        row_seeds = rng.integers(0, 2**63, size=len(order)) if self.seed is not None else None
         tasks = []
         for start in range(0, len(order), self.rows_per_block):
             # take() copies: a slice would pickle the whole table's buffers into every task
             chunk = self.table.take(pa.array(order[start:start + self.rows_per_block]))
+            if row_seeds is not None:
+                chunk = chunk.append_column("seed", pa.array(row_seeds[start:start + self.rows_per_block]))
             meta = BlockMetadata(num_rows=chunk.num_rows, size_bytes=chunk.nbytes, input_files=None,
                                  exec_stats=None)
             tasks.append(ReadTask(functools.partial(_identity_block, chunk), meta, schema=chunk.schema))
@@ -252,10 +267,12 @@ def _identity_block(chunk: pa.Table) -> list[pa.Table]:
     return [chunk]
 
 
-def _read(table: pa.Table, rows_per_block: int, shuffle: bool, passes: int = 1) -> ray.data.Dataset:
+def _read(table: pa.Table, rows_per_block: int, shuffle: bool, passes: int = 1,
+          seed: int | None = None) -> ray.data.Dataset:
     # Reads ask for no CPU (they only slice an in-memory table), so cap how many run at once: otherwise Ray
     # starts a worker process per block.
-    return ray.data.read_datasource(TableSource(table, rows_per_block, shuffle, passes), num_cpus=0, concurrency=2)
+    return ray.data.read_datasource(TableSource(table, rows_per_block, shuffle, passes, seed), num_cpus=0,
+                                    concurrency=2)
 
 
 def _subset(table: pa.Table, limit: int | None, seed: int) -> pa.Table:
@@ -322,7 +339,7 @@ def train_dataset(cfg: Config, image_size: int) -> ray.data.Dataset:
     table = table.select(_INPUT_COLUMNS)
     pool, batch = decode_pool_size(cfg), cfg.data.decode_batch_size
     rows = _rows_per_block(table.num_rows, pool, batch)
-    ds = _read(table, rows, shuffle=True, passes=cfg.data.passes_per_epoch)
+    ds = _read(table, rows, shuffle=True, passes=cfg.data.passes_per_epoch, seed=cfg.train.seed)
     ds = ds.map_batches(
         TrainDecoder,
         fn_constructor_kwargs={
@@ -339,12 +356,25 @@ def train_dataset(cfg: Config, image_size: int) -> ray.data.Dataset:
     return ds
 
 
+def ingest_options(cfg: Config) -> dict:
+    """Ray Data options for Ray Train's DataConfig, which replaces a dataset's own. With data.deterministic the
+    train clips leave in the order of the epoch's permutation, so the split hands every rank the same clips in
+    every run with this seed; otherwise whichever is decoded first goes first."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.deterministic
+    return {"train": options}
+
+
 def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.Dataset:
     """Every test view of every video: rows {"clip": uint8 [T, 3, S, S], "label", "video", "view"} (int64).
 
     video: the row index in the manifest (average scores per video); view: temporal * spatial index.
-    The decode actors ask for no CPU: evaluation runs while the training loop waits, on the CPUs the
-    (then idle) train decode actors hold, so the two pools never wait on each other.
+    Decoding runs as Ray tasks, not actors: an evaluation every few thousand steps would otherwise start a
+    pool of actor processes each time (seconds, more than a small validation set takes to decode), where
+    tasks reuse Ray's idle workers. They ask for no CPU: evaluation runs while the training loop waits, on
+    the CPUs the (then idle) train decode actors hold, so the two never wait on each other.
     """
     _stats_actor()
     table = read_manifest(manifest_path).select(_INPUT_COLUMNS)
@@ -352,16 +382,21 @@ def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.D
     pool, batch = decode_pool_size(cfg), cfg.data.decode_batch_size
     ds = _read(table, _rows_per_block(table.num_rows, pool, batch), shuffle=False)
     ds = ds.map_batches(
-        EvalDecoder,
-        fn_constructor_kwargs={
+        decode_eval_views,
+        fn_kwargs={
             "num_frames": cfg.model.num_frames, "sampling_rate": cfg.data.sampling_rate, "image_size": image_size,
             "temporal_views": cfg.data.num_temporal_views, "spatial_views": cfg.data.num_spatial_views},
         batch_size=batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=2),
+        concurrency=pool,
         num_cpus=0,
         resources=dict(cfg.data.decode_resources) or None,
     )
     views = cfg.data.num_temporal_views * cfg.data.num_spatial_views
     _limit_block_bytes(ds, batch * views, (cfg.model.num_frames, 3, image_size, image_size))
     return ds
+
+
+def decode_eval_views(batch: dict[str, np.ndarray], **kwargs) -> Iterator[dict[str, np.ndarray]]:
+    """The eval decode task: EvalDecoder is cheap to build, so each task builds its own."""
+    yield from EvalDecoder(**kwargs)(batch)

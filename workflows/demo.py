@@ -19,52 +19,66 @@ DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--data", default="data/synth", help="where the synthetic dataset is (or is written)")
-    parser.add_argument("--classes", type=int, default=8, help="synthetic classes (6 of the first 8 are motion)")
+    parser.add_argument("--data", default=None, help="where the synthetic dataset is (or is written); default "
+                                                      "data/synth (data/synth-quick with --quick)")
+    parser.add_argument("--classes", type=int, default=None,
+                        help="synthetic classes (6 of the first 8 are motion; default 8, 3 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a one-minute check that everything runs: 3 classes of 8 videos, a tiny model, 20 steps "
+                             "(accuracy means nothing)")
+
+
+# --quick: every stage of the demo on a dataset and model small enough to run in about a minute.
+QUICK_VIDEOS = dict(train_per_class=8, val_per_class=2, frames=24)
+QUICK_OVERRIDES = ["model.backbone=EVL-Tiny", "model.num_frames=4", "model.decoder_num_layers=2",
+                   "data.sampling_rate=4", "train.batch_size=8", "train.micro_batch_size=4", "train.num_steps=20",
+                   "train.log_every=5", "train.eval_every=20", "train.checkpoint_every=20",
+                   "data.passes_per_epoch=7"]  # 168 clips: one decode actor pool for all 20 steps
 
 
 def run(args: argparse.Namespace) -> int:
     from evl.video.synth import MOTION_CLASSES, SynthParams, is_generated, write_synth_dataset
+    from workflows import console
     from workflows.data import cpus_needed
     from workflows.evaluate import evaluate_checkpoint
     from workflows.prepare import prepare_dataset
     from workflows.runtime import ensure_ray
-    from workflows.train import train
+    from workflows.train import describe, train
 
     start = time.perf_counter()
-    data = Path(args.data)
+    data = Path(args.data or ("data/synth-quick" if args.quick else "data/synth"))
+    classes = args.classes or (3 if args.quick else 8)
     manifests = data / "manifests"
     cfg = load_config(args.config, [f"data.train_manifest={manifests / 'train.parquet'}",
-                                    f"data.val_manifest={manifests / 'val.parquet'}",
-                                    f"model.num_classes={args.classes}", *args.overrides])
+                                    f"data.val_manifest={manifests / 'val.parquet'}", f"model.num_classes={classes}",
+                                    *(QUICK_OVERRIDES if args.quick else []), *args.overrides])
 
-    params = SynthParams(num_classes=args.classes)
-    if is_generated(data, params):
-        print(f"[1/4] synthetic videos: cached in {data}")
+    params = SynthParams(num_classes=classes, **(QUICK_VIDEOS if args.quick else {}))
+    cached = is_generated(data, params)
+    if cached:
+        console.say(f"[1/4] synthetic videos: cached in {data}")
     else:
-        print(f"[1/4] synthetic videos: writing {data} ...", flush=True)
+        console.say(f"[1/4] synthetic videos: writing {data} ...")
         write_synth_dataset(data, params, workers=2)
     ensure_ray(min_cpus=cpus_needed(cfg))  # 2 trainers + 2 decode actors; on 2 cores they share them
-    if (manifests / "train.parquet").is_file() and (manifests / "val.parquet").is_file():
-        print(f"[2/4] manifests: cached in {manifests}")
+    if cached and (manifests / "train.parquet").is_file() and (manifests / "val.parquet").is_file():
+        console.say(f"[2/4] manifests: cached in {manifests}")
     else:
-        print("[2/4] manifests: probing every video on Ray Data ...", flush=True)
+        console.say("[2/4] manifests: probing every video on Ray Data ...")
         prepare_dataset(str(data), str(manifests))
 
-    print(f"[3/4] training {cfg.model.backbone} EVL ({cfg.model.decoder_num_layers} decoder layers, "
-          f"{cfg.model.num_frames} frames) with DeepSpeed on {cfg.scaling.num_workers} CPU workers ...", flush=True)
-    result = train(cfg)
+    console.say(f"[3/4] training {describe(cfg)}")
+    result = train(cfg, progress=True)
 
-    print("[4/4] multi-view evaluation of the best checkpoint ...", flush=True)
-    evaluation, names = evaluate_checkpoint(result.checkpoint_dir, cfg.data.val_manifest)
+    console.say("[4/4] multi-view evaluation of the best checkpoint ...")
+    evaluation, names, _ = evaluate_checkpoint(result.checkpoint_dir, cfg.data.val_manifest)
     motion = [i for i, n in enumerate(names) if n in MOTION_CLASSES]
     correct = sum(int(evaluation.confusion[i, i]) for i in motion)
     total = sum(int(evaluation.confusion[i].sum()) for i in motion)
+    console.say(f"  top-1 {evaluation.top1:.3f} on {evaluation.num_videos} videos (chance {1 / len(names):.3f}); "
+                f"motion classes only: {correct / max(1, total):.3f} ({correct}/{total})")
 
-    print()
-    print(result.summary())
-    print(f"  evaluation: top-1 {evaluation.top1:.3f} on {evaluation.num_videos} videos "
-          f"(chance {1 / len(names):.3f}); motion classes only: {correct / max(1, total):.3f} "
-          f"({correct}/{total})")
-    print(f"  demo wall time: {time.perf_counter() - start:.0f} s")
+    console.say()
+    console.say(result.summary())
+    console.say(f"demo finished in {console.duration(time.perf_counter() - start)}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evl.config import Config, DataConfig, apply_overrides, from_dict, read_yaml
+from workflows import console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,13 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     given = stated_settings(args.config, args.overrides, args.pretrained)
-    result, names = evaluate_checkpoint(args.checkpoint, args.manifest, given.get("data"), given.get("model"),
-                                        batch_size=args.batch_size, device=args.device)
-    print(f"{result.num_videos} videos  top-1 {result.top1:.4f}  top-5 {result.top5:.4f}")
+    result, names, skipped = evaluate_checkpoint(args.checkpoint, args.manifest, given.get("data"),
+                                                 given.get("model"), batch_size=args.batch_size, device=args.device)
+    console.say(f"{result.num_videos} videos  top-1 {result.top1:.4f}  top-5 {result.top5:.4f}")
+    if skipped:
+        console.warn(f"{len(skipped)} videos could not be decoded and were skipped:")
+        for path, reason in list(skipped.items())[:20]:
+            console.warn(f"  {path}: {reason}")
     for i, name in enumerate(names):
         videos = int(result.confusion[i].sum())
         if videos:
-            print(f"  {name:<32} {result.per_class_accuracy[i]:.3f}  ({videos} videos)")
+            console.say(f"  {name:<32} {result.per_class_accuracy[i]:.3f}  ({videos} videos)")
     if args.out:
         from workflows.tracking import per_class_csv
 
@@ -82,29 +87,52 @@ def load_for_inference(checkpoint: str | Path, model: dict[str, Any] | None = No
     return ckpt, net
 
 
+def class_names(ckpt, num_classes: int, manifest: str | None = None) -> list[str]:
+    """The checkpoint's class names; else (reference checkpoints have none) the manifest's classes.json,
+    Kinetics-400's for 400 classes, or numbers."""
+    from evl.video.kinetics import kinetics400_classes, read_classes
+
+    if ckpt.class_names:
+        return ckpt.class_names
+    if manifest:
+        try:
+            names = read_classes(manifest)
+        except (OSError, ValueError):
+            names = []
+        if len(names) == num_classes:
+            return names
+    return kinetics400_classes() if num_classes == 400 else [f"class {i}" for i in range(num_classes)]
+
+
 def test_data_config(ckpt, data: dict[str, Any] | None = None) -> DataConfig:
-    """The test views to evaluate with: the stated ones, else those the run evaluated with, else the defaults."""
-    return from_dict(DataConfig, {**ckpt.extra.get("test_views", {}), **(data or {})})
+    """The test views to evaluate with: the stated ones, else those the run evaluated with, else (reference
+    checkpoints) the reference's for its frame count: 8 x 16 with 3 x 1 views, 16 x 16 and 32 x 8 with 1 x 3."""
+    frames = ckpt.model.num_frames
+    reference = {"sampling_rate": 8 if frames >= 32 else 16, "num_temporal_views": 3 if frames <= 8 else 1,
+                 "num_spatial_views": 1 if frames <= 8 else 3}
+    return from_dict(DataConfig, {**reference, **ckpt.extra.get("test_views", {}), **(data or {})})
 
 
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str, data: dict[str, Any] | None = None,
                         model: dict[str, Any] | None = None, batch_size: int = 8, device: str | None = None):
-    """Returns (EvalResult, class names). data/model: stated settings (see `stated_settings`)."""
+    """Returns (EvalResult over the videos that decoded, class names, {path: reason} of those that did not).
+    data/model: stated settings (see `stated_settings`)."""
     import torch
 
     from evl.metrics import ViewAccumulator
-    from evl.video.kinetics import kinetics400_classes
-    from workflows.data import eval_dataset
+    from workflows.data import decode_failures, eval_dataset
     from workflows.runtime import ensure_ray
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt, net = load_for_inference(checkpoint, model, device)
-    names = ckpt.class_names or kinetics400_classes()
+    names = class_names(ckpt, net.config.num_classes, manifest)
 
     ensure_ray()
+    listed = decode_failures()["files"]  # the cluster's count is shared: what this evaluation adds is ours
     cfg = Config(model=net.config, data=test_data_config(ckpt, data))
     views = ViewAccumulator(net.config.num_classes)
     with torch.inference_mode():
         for batch in eval_dataset(cfg, net.image_size, manifest).iter_torch_batches(batch_size=batch_size):
             views.add(net(batch["clip"].to(device)), batch["label"], batch["video"])
-    return views.result(), names
+    skipped = {path: reason for path, reason in decode_failures()["files"].items() if path not in listed}
+    return views.result(), names, skipped

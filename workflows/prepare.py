@@ -35,6 +35,7 @@ from evl.video.kinetics import (
     write_classes,
     write_manifest,
 )
+from workflows import console
 
 PROBE_BATCH = 8  # videos per probe call (a task probes 1-8 such batches)
 
@@ -62,16 +63,16 @@ def run(args: argparse.Namespace) -> int:
     from workflows.runtime import ensure_ray
 
     if not args.dataset and not args.list_file and not args.annotations:
-        print("evl prepare: give --dataset, --annotations or --list-file", file=sys.stderr)
+        console.warn("evl prepare: give --dataset, --annotations or --list-file")
         return 2
     ensure_ray(args.address)
     try:
         summary = prepare_dataset(args.dataset, args.out, splits=args.splits, annotations=args.annotations,
                                   list_files=args.list_file, data_root=args.data_root, classes=args.classes)
     except (ValueError, FileNotFoundError) as e:
-        print(f"evl prepare: {e}", file=sys.stderr)
+        console.warn(f"evl prepare: {e}")
         return 2
-    print(format_summary(summary, args.max_listed))
+    console.say(format_summary(summary, args.max_listed))
     return 0 if any(s["usable"] for s in summary["splits"].values()) else 1
 
 

@@ -23,8 +23,12 @@ def ensure_ray(address: str | None = None, min_cpus: float = 0, **init_kwargs) -
     """
     import ray
 
+    from workflows import console
+
     if ray.is_initialized():
         return
+    # Workers' output (DeepSpeed, Ray Train, warnings) stays in Ray's session logs unless --verbose.
+    init_kwargs.setdefault("log_to_driver", console.verbose())
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and min_cpus and "num_cpus" not in init_kwargs:
         try:

@@ -30,3 +30,21 @@ def read_text(uri: str) -> str | None:
             return f.read().decode()
     except (FileNotFoundError, OSError):
         return None
+
+
+def latest_run(storage: str, prefix: str, marker: str) -> str | None:
+    """Name of the newest folder `prefix*` under `storage` that holds the file `marker`, or None."""
+    import pyarrow.fs
+
+    fs, root = filesystem(storage)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    runs = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(prefix)
+                   and read_text(f"{storage}/{i.base_name}/{marker}") is not None), key=lambda i: i.mtime_ns or 0)
+    return runs[-1].base_name if runs else None
+
+
+def timestamped(name: str) -> str:
+    """`name-YYYYmmdd-HHMMSS`: a fresh folder and MLflow run name for every new run of one config."""
+    from datetime import datetime
+
+    return f"{name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -8,6 +8,7 @@ parent run per sweep and a nested child run per trial, so the MLflow UI's compar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import itertools
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from evl.config import Config, ConfigError, SweepConfig, apply_overrides, dump_yaml, from_dict, read_yaml
-from workflows.storage import read_text, write_bytes
+from workflows.storage import latest_run, read_text, timestamped, write_bytes
+from workflows import console
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TABLE_COLUMNS = ("num_frames", "decoder_num_layers", "lr", "temporal", "status", "val_top1", "val_top5",
@@ -28,15 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="sweep YAML (configs/sweep_*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the base training config for every trial")
-    parser.add_argument("--resume", action="store_true", help="continue a stopped sweep; finished trials are kept")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP",
+                        help="continue a stopped sweep (default: the latest of this config); finished trials are kept")
     parser.add_argument("--address", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    result = sweep(args.config, overrides=args.overrides, resume=args.resume, address=args.address)
-    print(result.table_text())
-    print(result.best_text())
-    print(f"summary: {result.csv_path}  heatmap: {result.heatmap_path}")
+    result = sweep(args.config, overrides=args.overrides, resume=args.resume, address=args.address, progress=True)
+    console.say(result.table_text())
+    console.say(result.best_text())
+    console.say(result.where_text())
     return 0
 
 
@@ -63,9 +66,10 @@ def trial_points(scfg: SweepConfig) -> list[dict[str, Any]]:
 
 def trial_config(base: dict[str, Any], point: dict[str, Any], scfg: SweepConfig, storage: str) -> Config:
     frames, depth = point["model.num_frames"], point["model.decoder_num_layers"]
-    name = f"{scfg.name}-f{frames}-d{depth}" + "".join(
+    # Frames and depth first: MLflow cuts long run names short.
+    name = f"f{frames}-d{depth}" + "".join(
         f"-{k.split('.')[-1]}={v}" for k, v in point.items() if k not in ("model.num_frames",
-                                                                         "model.decoder_num_layers"))
+                                                                         "model.decoder_num_layers")) + f"-{scfg.name}"
     overrides = [f"{k}={v}" for k, v in point.items()] + [
         f"data.sampling_rate={scfg.stride_for_frames[frames]}", f"name={name}", f"tracking.run_name={name}",
         f"scaling.storage_path={storage}"]
@@ -88,10 +92,13 @@ def run_trial(point: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any],
 
 @dataclass
 class SweepResult:
+    name: str
     rows: list[dict[str, Any]]
     csv_path: str
     heatmap_path: str
     parent_run_id: str
+    tracking_uri: str
+    experiment: str
 
     def table_text(self) -> str:
         header = f"{'frames':>6} {'depth':>5} {'lr':>8} {'temporal':>8} {'status':>10} {'top-1':>6} {'top-5':>6} " \
@@ -114,13 +121,32 @@ class SweepResult:
         return (f"best: {b['num_frames']} frames, {b['decoder_num_layers']} decoder layers, lr {b['lr']:.1e}, "
                 f"temporal {b['temporal']}: top-1 {b['val_top1']:.3f}")
 
+    def where_text(self) -> str:
+        from workflows.tracking import ui_lines
+
+        lines = [f"sweep {self.name}",
+                 f"  summary: {self.csv_path}",
+                 f"  heatmap: {self.heatmap_path}",
+                 f"  MLflow: parent run {self.parent_run_id} (experiment {self.experiment}) in {self.tracking_uri}, "
+                 f"one child run per trial",
+                 *ui_lines(self.tracking_uri, self.parent_run_id, experiment_page=True),
+                 f"  library logs: {console.log_path()}" if console.log_path() else ""]
+        return "\n".join(line for line in lines if line)
+
 
 def _fmt(value: Any, width: int = 6, digits: int = 3) -> str:
     return f"{value:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
 
 
-def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = False,
-          address: str | None = None) -> SweepResult:
+def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | None = None,
+          address: str | None = None, progress: bool = False) -> SweepResult:
+    """Run a sweep, or continue one (`resume`: its folder name, or "latest" for the newest of this config);
+    `progress` prints a line per finished trial (and, on a terminal, the running ones) while it runs.
+
+    Every new sweep gets a folder and an MLflow parent run of its own (`<name>-<date>-<time>`), so running the
+    same config again starts afresh and never touches an earlier sweep. Whatever stops a sweep, its MLflow runs
+    end FAILED (or KILLED on Ctrl-C), never RUNNING.
+    """
     import ray
     from ray import tune
 
@@ -134,57 +160,73 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: bool = F
     base = anchor_paths(base)  # trials run in Tune's trial folders, not here
     storage_root = scfg.storage_path or base.scaling.storage_path
     storage_root = storage_root if "://" in storage_root else str(Path(storage_root).resolve())
-    sweep_dir = f"{storage_root}/{scfg.name}"  # local path or URI: Tune state, trials, summary
-    trials_storage = f"{sweep_dir}/trials"
     base_dict = base.to_dict()
     points = trial_points(scfg)
     for point in points:  # every trial's config is checked before anything starts
-        cfg = trial_config(base_dict, point, scfg, trials_storage)
+        cfg = trial_config(base_dict, point, scfg, storage_root)
         resolve_model_config(cfg.model)
         preflight(cfg)
 
     uri = base.tracking.tracking_uri
-    parent_file = f"{sweep_dir}/{PARENT_RUN_FILE}"
     if resume:
-        parent_run_id = (read_text(parent_file) or "").strip()
+        name = latest_run(storage_root, f"{scfg.name}-", PARENT_RUN_FILE) if resume == "latest" else resume
+        sweep_dir = f"{storage_root}/{name}"
+        parent_run_id = (read_text(f"{sweep_dir}/{PARENT_RUN_FILE}") or "").strip() if name else ""
         if not parent_run_id or not tune.Tuner.can_restore(sweep_dir):
-            raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}")
+            raise ConfigError(f"--resume: no sweep {'of ' + repr(scfg.name) if resume == 'latest' else repr(resume)} "
+                              f"to resume under {storage_root}")
     else:
+        name = timestamped(scfg.name)
+        sweep_dir = f"{storage_root}/{name}"  # local path or URI: Tune state, trials, summary
         params = {f"sweep.{k}": v for k, v in scfg.__dict__.items()}
-        parent_run_id = tracking.start_run(uri, base.tracking.experiment, scfg.name, params, dump_yaml(base),
-                                           tags={"evl.sweep": scfg.name})
-        write_bytes(parent_file, parent_run_id.encode())
+        parent_run_id = tracking.start_run(uri, base.tracking.experiment, name, params, dump_yaml(base),
+                                           tags={"evl.sweep": scfg.name, "evl.sweep_dir": sweep_dir})
+        write_bytes(f"{sweep_dir}/{PARENT_RUN_FILE}", parent_run_id.encode())
+    trials_storage = f"{sweep_dir}/trials"
 
-    ensure_ray(address, min_cpus=(scfg.max_concurrent_trials or 1) * cpus_needed(base))
-    trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
-                                     parent_run_id=parent_run_id)
-    # The trial function only waits on its TorchTrainer; the trainer's workers and decode actors hold the CPUs/GPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
-    if resume:
-        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
-    else:
-        if scfg.search == "grid":
-            space = {"point": tune.grid_search(points)}
-            samples = scfg.num_samples
+    try:
+        ensure_ray(address, min_cpus=(scfg.max_concurrent_trials or 1) * cpus_needed(base))
+        trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
+                                         parent_run_id=parent_run_id)
+        # The trial function only waits on its TorchTrainer; the trainer's workers and decode actors hold the
+        # CPUs/GPUs.
+        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
+        concurrency = scfg.max_concurrent_trials or _concurrency(base, ray)
+        trials = len(points) * scfg.num_samples if scfg.search == "grid" else scfg.num_samples
+        if resume:
+            tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
         else:
-            space = {"point": tune.choice(points)}
-            samples = scfg.num_samples
-        scheduler = None
-        if scfg.asha:
-            scheduler = tune.schedulers.ASHAScheduler(time_attr="step", grace_period=max(
-                1, scfg.asha_grace_period * base.train.eval_every), max_t=base.train.num_steps)
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric="val_top1", mode="max", scheduler=scheduler, num_samples=samples,
-                                        max_concurrent_trials=scfg.max_concurrent_trials or _concurrency(base, ray)),
-            run_config=tune.RunConfig(name=scfg.name, storage_path=storage_root,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
+            space = {"point": tune.grid_search(points) if scfg.search == "grid" else tune.choice(points)}
+            scheduler = None
+            if scfg.asha:
+                scheduler = tune.schedulers.ASHAScheduler(time_attr="step", grace_period=max(
+                    1, scfg.asha_grace_period * base.train.eval_every), max_t=base.train.num_steps)
+            tuner = tune.Tuner(
+                trainable, param_space=space,
+                tune_config=tune.TuneConfig(
+                    metric="val_top1", mode="max", scheduler=scheduler, num_samples=scfg.num_samples,
+                    max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(name=name, storage_path=storage_root, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+        if progress:
+            console.say(f"sweep {name}: {trials} trials of {base.train.num_steps} steps, {concurrency} at a time")
+        watch = console.SweepProgress(uri, parent_run_id, trials, base.train.num_steps) if progress \
+            else contextlib.nullcontext()
+        with watch:
+            grid = tuner.fit()
 
-    rows = [_row(r, base) for r in grid]
-    rows.sort(key=lambda r: (r["num_frames"], r["decoder_num_layers"], r["lr"], r["temporal"]))
-    result = SweepResult(rows, f"{sweep_dir}/summary.csv", f"{sweep_dir}/heatmap.png", parent_run_id)
-    _write_summary(result, scfg, uri)
+        rows = [_row(r, base) for r in grid]
+        rows.sort(key=lambda r: (r["num_frames"], r["decoder_num_layers"], r["lr"], r["temporal"]))
+        result = SweepResult(name, rows, f"{sweep_dir}/summary.csv", f"{sweep_dir}/heatmap.png", parent_run_id,
+                             uri, base.tracking.experiment)
+        _write_summary(result, scfg, uri)
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        tracking.end_open_children(uri, parent_run_id, status)
+        tracking.end_run(uri, parent_run_id, status)
+        raise
+    # Trials ASHA stopped, or that died without ending their run, are still RUNNING in MLflow.
+    tracking.end_open_children(uri, parent_run_id, "KILLED")
     any_ok = any(r["status"] == "finished" for r in rows)
     tracking.end_run(uri, parent_run_id, "FINISHED" if any_ok else "FAILED")
     return result

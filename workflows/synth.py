@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from workflows import console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +47,15 @@ def run(args: argparse.Namespace) -> int:
         params = params_from_args(args)
         params.validate()
     except ValueError as e:
-        print(f"evl synth: {e}", flush=True)
+        console.warn(f"evl synth: {e}")
         return 2
     names = ", ".join(SYNTH_CLASSES[: params.num_classes])
     if is_generated(args.out, params):
-        print(f"{args.out}: already generated with these parameters ({names})")
+        console.say(f"{args.out}: already generated with these parameters ({names})")
         return 0
     start = time.perf_counter()
     rows = write_synth_dataset(args.out, params, workers=args.workers)
-    print(f"{args.out}: wrote {len(rows)} videos ({params.width}x{params.height}, {params.frames} frames at "
-          f"{params.fps} fps) of {params.num_classes} classes ({names}) in {time.perf_counter() - start:.1f} s")
-    print(f"next: evl prepare --dataset {args.out} --out {os.path.join(args.out, 'manifests')}")
+    console.say(f"{args.out}: wrote {len(rows)} videos ({params.width}x{params.height}, {params.frames} frames at "
+                f"{params.fps} fps) of {params.num_classes} classes ({names}) in {time.perf_counter() - start:.1f} s")
+    console.say(f"next: evl prepare --dataset {args.out} --out {os.path.join(args.out, 'manifests')}")
     return 0

@@ -26,15 +26,25 @@ def resolve_tracking_uri(uri: str | None, root: str | Path | None = None) -> str
     return uri
 
 
-def ui_command(uri: str) -> str:
+def ui_lines(uri: str, run_id: str, port: int = 5000, experiment_page: bool = False) -> list[str]:
+    """How to look at a run (or, with experiment_page, at its experiment's runs: a sweep's trials side by side):
+    the UI command for a local store, then the page in MLflow's "Model training" view (MLflow 3 opens on its
+    GenAI view otherwise)."""
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs{'' if experiment_page else '/' + run_id}?workflowType=machine_learning"
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+        return [f"  see it: {uri.rstrip('/')}/{page}"]
+    return [f"  see it: mlflow ui --backend-store-uri {uri} --port {port}",
+            f"          then open http://127.0.0.1:{port}/{page}"]
 
 
 def params_of(flat: dict[str, Any]) -> dict[str, str]:
     """Every resolved config value as an MLflow param (values stringified, None as 'null')."""
     return {k: ("null" if v is None else str(v))[:6000] for k, v in flat.items()}
+
+
+# MLflow 3 opens an experiment on its GenAI overview unless the experiment says it trains models.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], config_yaml: str,
@@ -46,9 +56,11 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
         location = None
         if uri.startswith("sqlite:///"):
             location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlartifacts").as_uri()
-        exp_id = client.create_experiment(experiment, artifact_location=location)
+        exp_id = client.create_experiment(experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     else:
         exp_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND[0]) is None:  # experiments made before the kind was set
+            client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -64,8 +76,18 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
 
 
+# How the data pipeline and the loop are doing goes to the run's "System metrics" tab (MLflow files every
+# `system/` metric there), beside CPU, GPU and memory: the "Model metrics" tab keeps loss, lr and accuracy.
+PIPELINE_METRICS = ("clips_per_s", "data_wait_s", "data_wait_frac", "eta_s", "data_pass", "decode_failures")
+
+
+def mlflow_name(metric: str) -> str:
+    return f"system/{metric}" if metric in PIPELINE_METRICS else metric
+
+
 def log_metrics(client: MlflowClient, run_id: str, step: int, metrics: dict[str, float]) -> None:
-    clean = [mlflow.entities.Metric(k, float(v), int(mlflow.utils.time.get_current_time_millis()), step)
+    now = int(mlflow.utils.time.get_current_time_millis())
+    clean = [mlflow.entities.Metric(mlflow_name(k), float(v), now, step)
              for k, v in metrics.items() if isinstance(v, (int, float)) and v == v]  # drop NaN
     if clean:
         client.log_batch(run_id, metrics=clean)
@@ -73,6 +95,18 @@ def log_metrics(client: MlflowClient, run_id: str, step: int, metrics: dict[str,
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def end_open_children(uri: str, parent_run_id: str, status: str) -> int:
+    """End with `status` every child of the parent still RUNNING (trials a sweep stopped or lost); returns how
+    many. A finished sweep leaves no run RUNNING."""
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                f"and attributes.status = 'RUNNING'")
+    for run in children:
+        client.set_terminated(run.info.run_id, status=status)
+    return len(children)
 
 
 def log_confusion_matrix(client: MlflowClient, run_id: str, confusion, class_names: list[str],

@@ -9,17 +9,17 @@ driver owns the MLflow run; rank 0 writes metrics and artifacts to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from evl.config import Config, ConfigError, dump_yaml, from_dict, load_config
-from workflows.storage import filesystem, read_text, write_text
+from workflows.storage import latest_run, read_text, timestamped, write_text
 
 RUN_ID_FILE = "mlflow_run_id"
 log = logging.getLogger("evl.train")  # in workers, Ray Train routes logging to the driver's console once
@@ -35,10 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from workflows import console
+
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, address=args.address)
-    print(result.summary())
+    console.say(f"training {cfg.name}: {describe(cfg)}")
+    result = train(cfg, resume=args.resume, address=args.address, progress=True)
+    console.say(result.summary())
     return 0
+
+
+def describe(cfg: Config) -> str:
+    """One line on what a run trains and where."""
+    device = "GPU" if cfg.scaling.use_gpu else "CPU"
+    return (f"{cfg.model.backbone} EVL, {cfg.model.num_frames} frames, {cfg.model.decoder_num_layers} decoder layers, "
+            f"{cfg.train.num_steps} steps of {cfg.train.batch_size} clips on {cfg.scaling.num_workers} {device} "
+            f"workers (DeepSpeed)")
 
 
 @dataclass
@@ -52,16 +63,17 @@ class TrainResult:
     wall_s: float
 
     def summary(self) -> str:
-        from workflows.tracking import ui_command
+        from workflows import console
+        from workflows.tracking import ui_lines
 
         top1 = self.metrics.get("val_top1")
-        lines = [f"run {self.run_name} finished in {self.wall_s:.0f} s",
-                 f"  validation top-1: {top1:.3f}" if top1 is not None else "  no validation set",
-                 f"  top-5: {self.metrics['val_top5']:.3f}" if "val_top5" in self.metrics else "",
-                 f"  run directory: {self.run_dir}",
+        lines = [f"run {self.run_name} finished in {console.duration(self.wall_s)}",
+                 f"  validation top-1 {top1:.3f}, top-5 {self.metrics.get('val_top5', float('nan')):.3f}"
+                 if top1 is not None else "  no validation set",
                  f"  best checkpoint: {self.checkpoint_dir}",
                  f"  MLflow run {self.mlflow_run_id} in {self.tracking_uri}",
-                 f"  see it: {ui_command(self.tracking_uri)}"]
+                 *ui_lines(self.tracking_uri, self.mlflow_run_id),
+                 f"  library logs: {console.log_path()}" if console.log_path() else ""]
         return "\n".join(line for line in lines if line)
 
 
@@ -143,19 +155,11 @@ def _run_name(cfg: Config, resume: str | None) -> str:
     if resume and resume != "latest":
         return resume
     if resume == "latest":
-        import pyarrow.fs
-
-        storage = cfg.scaling.storage_path
-        fs, root = filesystem(storage)
-        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
-        runs = sorted((i for i in infos if i.type == pyarrow.fs.FileType.Directory
-                       and i.base_name.startswith(f"{cfg.name}-")
-                       and read_text(f"{storage}/{i.base_name}/{RUN_ID_FILE}") is not None),
-                      key=lambda i: i.mtime_ns or 0)
-        if not runs:
-            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {storage}")
-        return runs[-1].base_name
-    return cfg.tracking.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        name = latest_run(cfg.scaling.storage_path, f"{cfg.name}-", RUN_ID_FILE)
+        if name is None:
+            raise ConfigError(f"--resume: no earlier run of {cfg.name!r} under {cfg.scaling.storage_path}")
+        return name
+    return cfg.tracking.run_name or timestamped(cfg.name)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -164,17 +168,18 @@ def _run_name(cfg: Config, resume: str | None) -> str:
 
 def train(cfg: Config, resume: str | None = None, address: str | None = None,
           parent_run_id: str | None = None, extra_params: dict[str, Any] | None = None,
-          callbacks: list | None = None) -> TrainResult:
+          callbacks: list | None = None, progress: bool = False) -> TrainResult:
     """Run one training job and return where everything went. `parent_run_id` nests the MLflow run (sweeps);
-    `callbacks` are Ray Train callbacks (a sweep passes Tune's report callback)."""
+    `callbacks` are Ray Train callbacks (a sweep passes Tune's report callback); `progress` prints the run's
+    progress (read back from MLflow) while it trains."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from evl.backbone import backbone_spec
     from evl.training import read_deepspeed_overrides
-    from workflows import tracking
-    from workflows.data import cpus_needed, eval_dataset, train_dataset
+    from workflows import console, tracking
+    from workflows.data import cpus_needed, eval_dataset, ingest_options, train_dataset
     from workflows.runtime import ensure_ray
 
     start = time.perf_counter()
@@ -220,12 +225,14 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
         datasets=datasets,
         # Train shards are equal so every worker takes the same number of steps; the validation set is not
         # split (an equal split would drop views), rank 0 reads all of it.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg)),
     )
+    watch = console.RunProgress(uri, run_id, cfg.train.num_steps) if progress else contextlib.nullcontext()
     try:
-        result = trainer.fit()
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+        with watch:
+            result = trainer.fit()
+    except BaseException as e:
+        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     best = _best_checkpoint(result)
@@ -310,7 +317,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         if "loss" in metrics:
             log.info(f"step {step}/{cfg.train.num_steps} loss {metrics['loss']:.4f} "
                   f"top1 {metrics['train_top1']:.3f} lr {metrics['lr']:.2e} "
-                  f"{metrics['clips_per_s'] * trainer.world_size:.1f} clips/s "
+                  f"{metrics['clips_per_s']:.1f} clips/s "
                   f"data wait {metrics['data_wait_frac']:.0%} ETA {metrics['eta_s']:.0f} s")
         else:
             log.info(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
