@@ -3,8 +3,11 @@
 Nothing here reaches AWS, Kubernetes or a registry. Each file goes through the parser or validator of the tool
 that consumes it (Ray's cluster-config schema, Ray's own RayCluster translation, Ray's runtime-env and packaging
 code, DeepSpeed's config parser and engine, bash, the `ray` and `evl` command-line parsers) and is compared with
-the files it must agree with: configs/ ask for custom resources the nodes carry, every manifest runs the image
-cluster/Dockerfile builds, and the README's commands name files that exist and parse.
+the files it must agree with: configs/ ask for custom resources the nodes carry, the head runs no work, every
+manifest runs the image cluster/Dockerfile builds, and the README's commands name files that exist and parse.
+The EC2, KubeRay and Kubernetes schemas are in tests/test_cluster_schemas.py; IAM and the security group in
+tests/test_cluster_iam.py; MLflow's authentication in tests/test_cluster_mlflow_auth.py; the spot interruption
+watcher in tests/test_cluster_spot_drain.py.
 """
 
 from __future__ import annotations
@@ -57,6 +60,17 @@ def prepared(launcher):
 @pytest.fixture(scope="module")
 def kuberay():
     return {name: _yaml(CLUSTER / "kuberay" / f"{name}.yaml") for name in ("raycluster", "rayjob")}
+
+
+@pytest.fixture(scope="module")
+def kube_objects():
+    """The plain Kubernetes objects of cluster/kuberay/ by (kind, name)."""
+    out = {}
+    for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["apiVersion"] != "ray.io/v1":
+                out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -116,18 +130,48 @@ def test_node_types_head_decode_and_trainer(prepared):
     types = prepared["available_node_types"]
     head = types[prepared["head_node_type"]]
     assert not set(head["resources"]) - {"CPU", "memory"}, "the head must not attract decode actors or trainers"
+    assert head["resources"].get("CPU") == 0, "the head runs no work"
     workers = _worker_types(prepared)
     decode = [v for v in workers.values() if "decode_node" in v["resources"]]
     trainer = [v for v in workers.values() if "trainer_node" in v["resources"]]
-    assert len(decode) == 1 and len(trainer) == 1
-    (decode,), (trainer,) = decode, trainer
-    assert decode["resources"].get("GPU", 0) == 0 and decode["resources"]["CPU"] > 0
-    assert decode["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    assert len(trainer) == 1
+    (trainer,) = trainer
+    # Decode nodes on spot, over several spot pools (instance types) that all offer the same resources,
+    # preferred in a fixed order (autoscaler v2 priorities).
+    assert len({d["node_config"]["InstanceType"] for d in decode}) >= 2
+    assert len({json.dumps(d["resources"], sort_keys=True) for d in decode}) == 1
+    for d in decode:
+        assert d["resources"].get("GPU", 0) == 0 and d["resources"]["CPU"] > 0
+        assert d["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        assert "Placement" not in d["node_config"], "decode nodes may fall back to the second zone"
+    priorities = [d["priority"] for d in decode]
+    assert len(set(priorities)) == len(priorities)
     assert trainer["resources"]["GPU"] > 0 and "InstanceMarketOptions" not in trainer["node_config"]
+    # Several zones for decode nodes; the head and the trainers in the first one.
+    zones = [z.strip() for z in prepared["provider"]["availability_zone"].split(",")]
+    assert len(zones) >= 2 and all(z.startswith(prepared["provider"]["region"]) for z in zones)
+    for node_type in (head, trainer):
+        assert node_type["node_config"]["Placement"]["AvailabilityZone"] == zones[0]
     for node_type in workers.values():
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"]
     # The global cap does not silently cut a node type short.
     assert prepared["max_workers"] >= sum(v["max_workers"] for v in workers.values())
+
+
+def test_head_runs_no_work(launcher, kuberay):
+    """`ray start --num-cpus=0` on the head (and num-cpus "0" on KubeRay): no task or actor that needs a CPU,
+    such as `evl prepare`'s probes, runs beside the GCS and MLflow. tests/test_multinode.py runs a real
+    cluster with such a head."""
+    start = next(c for c in launcher["head_start_ray_commands"] if "ray start" in c)
+    words = shlex.split(start.split("ray start", 1)[1].split(";")[0])
+    assert "--head" in words and "--num-cpus=0" in words, words
+    for spec in (kuberay["raycluster"]["spec"], kuberay["rayjob"]["spec"]["rayClusterSpec"]):
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+        config = _derive_autoscaling_config_from_ray_cr({"metadata": {"name": "evl", "namespace": "evl"},
+                                                         "spec": copy.deepcopy(spec)})
+        assert config["available_node_types"][config["head_node_type"]]["resources"].get("CPU", 0) == 0
 
 
 def test_configs_ask_for_resources_the_nodes_carry(prepared, kuberay):
@@ -190,13 +234,18 @@ def test_image_setup_and_start_commands_are_coherent(launcher, prepared, dockerf
     login = [c for c in prepared["initialization_commands"] if "docker login" in c]
     assert login and registry in login[0] and f"--region {region}" in login[0]
     assert f".{region}." in registry
-    # Nodes run with the instance profile of cluster/aws_iam.sh.
-    profile = (CLUSTER / "aws_iam.sh").read_text()
-    default_name = re.search(r'name="\$\{1:-([\w-]+)\}"', profile).group(1)
-    for node_type in prepared["available_node_types"].values():
+    # Nodes run with the instance profiles of cluster/aws_iam.sh: the head's on the head, the workers' on
+    # every worker.
+    script = (CLUSTER / "aws_iam.sh").read_text()
+    roles = dict(re.findall(r"^(head_role|worker_role)=([\w-]+)$", script, flags=re.M))
+    for name, node_type in prepared["available_node_types"].items():
         arn = node_type["node_config"]["IamInstanceProfile"]["Arn"]
-        assert arn.endswith(f":instance-profile/{default_name}")
+        role = roles["head_role" if name == prepared["head_node_type"] else "worker_role"]
+        assert arn.endswith(f":instance-profile/{role}"), (name, arn)
         assert arn.split(":")[4] == registry.split(".")[0], "account id differs from the registry's"
+    assert re.search(rf'repository="\$\{{EVL_ECR_REPOSITORY:-{re.escape(image.split("/", 1)[1].split(":")[0])}\}}"',
+                     script), "the workers may pull only the image's repository"
+    assert f'region="${{EVL_REGION:-{region}}}"' in script
 
 
 def test_token_reaches_every_ray_process(launcher):
@@ -215,10 +264,15 @@ def test_token_reaches_every_ray_process(launcher):
         mounts = dict(m.split(":", 1) for m in re.findall(r"-v (\S+)", run))
         assert any(token_path.startswith(dest + "/") for dest in mounts.values()), (token_path, mounts)
         assert "--env RAY_AUTH_MODE=token" in run
-    # mlflow_server.sh looks for its optional settings file in that directory too.
+    # The MLflow account jobs log with comes from the same directory, sourced before every `ray start` (and
+    # before the MLflow server, which creates the account); no database password is in it: the server
+    # script reads no settings file, and the head gets the database URI from SSM.
+    for commands in (launcher["head_start_ray_commands"], launcher["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        sourced = re.search(r"set -a; \. ~/(\S+); set \+a;.*ray start", start, flags=re.S).group(1)
+        assert any(f"{IMAGE_HOME}/{sourced}".startswith(dest + "/") for dest in mounts.values()), sourced
     script = (CLUSTER / "mlflow_server.sh").read_text()
-    env_file = re.search(r'env_file="\$\{EVL_MLFLOW_ENV_FILE:-\$HOME/([^}]+)\}"', script).group(1)
-    assert any(f"{IMAGE_HOME}/{env_file}".startswith(dest + "/") for dest in mounts.values()), env_file
+    assert not re.search(r"^\s*(source|\.) ", script, flags=re.M) and "mlflow.env" not in script
     # The laptop side of the mount is the directory README.md's cluster section has users create.
     readme = cluster_section()
     for local in launcher["file_mounts"].values():
@@ -321,6 +375,9 @@ def _kuberay_node_types(spec):
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
+AUTH_SECRET = ("evl-ray-auth", "auth_token")
+
+
 def _check_cluster_spec(spec, image):
     import ray
 
@@ -332,15 +389,24 @@ def _check_cluster_spec(spec, image):
     for group in [head, *groups]:
         params = group.get("rayStartParams", {})
         assert all(isinstance(v, str) for v in params.values()), f"rayStartParams values must be strings: {params}"
-        containers = group["template"]["spec"]["containers"]
+        pod = group["template"]["spec"]
+        containers = pod["containers"]
         assert containers and containers[0]["image"] == image
+        # Every pod is placed on its own pool of nodes and runs with the project's ServiceAccount; only the
+        # head (its autoscaler sidecar) gets a Kubernetes API token.
+        assert pod["nodeSelector"]["evl/pool"] in ("head", "decode", "trainer")
+        assert pod["serviceAccountName"] == "evl-ray"
+        assert pod["automountServiceAccountToken"] is (group is head)
         if "resources" in params:
             # KubeRay pastes the value into a shell command: what the shell hands `ray start` must be JSON.
             words = shlex.split(params["resources"])
             assert len(words) == 1
             assert all(isinstance(v, int) for v in json.loads(words[0]).values())
+    assert head["template"]["spec"]["nodeSelector"]["evl/pool"] == "head"
     for group in groups:
         assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+        pool = group["template"]["spec"]["nodeSelector"]["evl/pool"]
+        assert pool == ("decode" if "decode_node" in group["rayStartParams"]["resources"] else "trainer")
     assert "resources" not in head.get("rayStartParams", {}), "the head must not attract decode actors or trainers"
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert ports.get("dashboard") == 8265 and ports.get("gcs-server") == 6379
@@ -351,46 +417,68 @@ def _check_cluster_spec(spec, image):
     assert len(decode) == 1 and decode[0]["resources"].get("GPU", 0) == 0
     assert len(trainer) == 1 and trainer[0]["resources"]["GPU"] > 0
 
+    # Token authentication through KubeRay's own API (v1.6+: authOptions with a Secret), so that the
+    # operator holds the token too; no Ray container or the autoscaler wires it by hand.
+    assert spec["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET[0]}
+    for container in _ray_containers({"spec": spec}):
+        assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                                    "RAY_AUTH_TOKEN_PATH"}, container["name"]
+    assert "env" not in spec.get("autoscalerOptions", {})
 
-def _check_auth_env(env, secret=("evl-ray-auth", "auth_token")):
-    by_name = {e["name"]: e for e in env}
-    assert by_name["RAY_AUTH_MODE"]["value"] == "token"
-    ref = by_name["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert (ref["name"], ref["key"]) == secret
+
+def _env(container) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
 
 
-def test_kuberay_raycluster(kuberay, launcher):
+def _check_mlflow_wiring(manifest, kube_objects):
+    """EVL_MLFLOW_HOST names the Service of mlflow.yaml; pods that log to MLflow get the jobs' account."""
+    service = kube_objects[("Service", "mlflow")]
+    host = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local"
+    for container in _ray_containers(manifest):
+        env = _env(container)
+        assert env["EVL_MLFLOW_HOST"]["value"] == host
+        if container["name"] == "ray-head" or "nvidia.com/gpu" in container["resources"]["limits"]:
+            for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                ref = env[var]["valueFrom"]["secretKeyRef"]
+                assert (ref["name"], ref["key"]) == ("evl-mlflow-tracking", var)  # the env file's own keys
+        else:
+            assert "MLFLOW_TRACKING_PASSWORD" not in env, "decode pods do not log to MLflow"
+    return host, service
+
+
+def test_kuberay_raycluster(kuberay, launcher, kube_objects):
     manifest = kuberay["raycluster"]
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster"
-    assert DNS_LABEL.match(manifest["metadata"]["name"])
+    assert DNS_LABEL.match(manifest["metadata"]["name"]) and manifest["metadata"]["namespace"] == "evl"
     _check_cluster_spec(manifest["spec"], launcher["docker"]["image"])
-    for container in _ray_containers(manifest):
-        _check_auth_env(container["env"])
-    _check_auth_env(manifest["spec"]["autoscalerOptions"]["env"])  # the autoscaler is a GCS client too
-    # The README's port-forward names KubeRay's head service, <cluster name>-head-svc.
-    assert f"svc/{manifest['metadata']['name']}-head-svc" in cluster_section()
+    _check_mlflow_wiring(manifest, kube_objects)
+    # The README's port-forward names KubeRay's head service, <cluster name>-head-svc, in its namespace.
+    assert f"port-forward -n evl svc/{manifest['metadata']['name']}-head-svc" in cluster_section()
 
 
-def test_kuberay_rayjob(kuberay, launcher, dockerfile):
+def test_kuberay_rayjob(kuberay, launcher, dockerfile, kube_objects):
     from ray.runtime_env import RuntimeEnv
 
     job, cluster = kuberay["rayjob"], kuberay["raycluster"]
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
-    assert DNS_LABEL.match(job["metadata"]["name"])
+    assert DNS_LABEL.match(job["metadata"]["name"]) and job["metadata"]["namespace"] == "evl"
     spec = job["spec"]
     assert spec["entrypoint"] == "evl train --config configs/vit_b16_8f.yaml"
     _check_evl_command(shlex.split(spec["entrypoint"]))
     _check_cluster_spec(spec["rayClusterSpec"], launcher["docker"]["image"])
+    host, service = _check_mlflow_wiring(job, kube_objects)
     # Same groups and resources as the standing cluster.
     assert _kuberay_node_types(spec["rayClusterSpec"]).keys() == _kuberay_node_types(cluster["spec"]).keys()
     for name, node_type in _kuberay_node_types(spec["rayClusterSpec"]).items():
         assert node_type["resources"] == _kuberay_node_types(cluster["spec"])[name]["resources"]
-    for container in _ray_containers(job):
-        _check_auth_env(container["env"])
-    _check_auth_env(spec["rayClusterSpec"]["autoscalerOptions"]["env"])
+    # The submitter's `ray job submit` needs RAY_AUTH_MODE and the token of authOptions' Secret.
     submitter = spec["submitterPodTemplate"]["spec"]["containers"][0]
-    _check_auth_env(submitter["env"])
+    env = _env(submitter)
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == AUTH_SECRET
     assert submitter["image"] == launcher["docker"]["image"]
+    assert spec["submitterPodTemplate"]["spec"]["automountServiceAccountToken"] is False
     # KubeRay hands the runtime env to a shell: no "$" may be in it.
     assert "$" not in spec["runtimeEnvYAML"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
@@ -398,6 +486,82 @@ def test_kuberay_rayjob(kuberay, launcher, dockerfile):
     assert runtime_env.pop("working_dir") == _workdir(dockerfile), "working_dir must be the image's copy"
     RuntimeEnv(**runtime_env)
     assert set(runtime_env["env_vars"]) >= set(_yaml(CLUSTER / "runtime_env.yaml")["env_vars"])
+    port = service["spec"]["ports"][0]["port"]
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == f"http://{host}:{port}"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_kuberay_network_policies_admit_only_what_the_cluster_needs(kuberay, kube_objects):
+    """Pods by role, with the labels they carry (KubeRay adds ray.io/node-type), against the policies."""
+    policies = [o for (kind, _), o in kube_objects.items() if kind == "NetworkPolicy"]
+    job = kuberay["rayjob"]["spec"]
+    ray_labels = job["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    pods = {"head": {**ray_labels, "ray.io/node-type": "head"},
+            "worker": {**job["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"],
+                       "ray.io/node-type": "worker"},
+            "submitter": job["submitterPodTemplate"]["metadata"]["labels"],
+            "mlflow": kube_objects[("Deployment", "mlflow")]["spec"]["template"]["metadata"]["labels"],
+            "operator": {"app.kubernetes.io/name": "kuberay-operator"},  # another namespace
+            "stranger": {"app": "something-else"}}
+    for (kind, name), obj in kube_objects.items():  # everything lives in the namespace the policies guard
+        assert (obj["metadata"]["name"] if kind == "Namespace" else obj["metadata"].get("namespace")) == "evl", name
+
+    def admitted(source: str, target: str, port: int) -> bool:
+        applying = [p for p in policies if _selects(p["spec"]["podSelector"], pods[target])]
+        assert applying, f"no policy selects {target}: it would take anything"
+        for policy in applying:
+            for rule in policy["spec"].get("ingress", []):
+                ports = [p["port"] for p in rule.get("ports", [])]
+                if ports and port not in ports:
+                    continue
+                for peer in rule.get("from", []):
+                    other_namespace = source == "operator"
+                    if other_namespace and "namespaceSelector" not in peer:
+                        continue
+                    if _selects(peer.get("podSelector", {}), pods[source]):
+                        return True
+        return False
+
+    allowed = {("worker", "head", 6379), ("head", "worker", 10002), ("worker", "worker", 8076),
+               ("submitter", "head", 8265), ("operator", "head", 8265), ("head", "mlflow", 5000),
+               ("worker", "mlflow", 5000)}
+    refused = {("stranger", "head", 8265), ("stranger", "head", 6379), ("stranger", "mlflow", 5000),
+               ("submitter", "head", 6379), ("submitter", "mlflow", 5000), ("operator", "head", 6379),
+               ("stranger", "worker", 10002), ("mlflow", "head", 6379), ("submitter", "worker", 8076)}
+    for case in allowed:
+        assert admitted(*case), case
+    for case in refused:
+        assert not admitted(*case), case
+    # A default deny covers every pod of the namespace.
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"] and not p["spec"].get("ingress")
+               for p in policies)
+
+
+def test_kuberay_mlflow_server(kube_objects, launcher):
+    deployment = kube_objects[("Deployment", "mlflow")]
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == launcher["docker"]["image"]
+    assert container["command"] == ["bash", f"{IMAGE_HOME}/evl/cluster/mlflow_server.sh"]
+    env = _env(container)
+    assert "MLFLOW_HOST" not in env, "binds the pod's own address, which the script finds"
+    service = kube_objects[("Service", "mlflow")]
+    host = f"mlflow.{service['metadata']['namespace']}.svc.cluster.local"
+    allowed_hosts = env["MLFLOW_ALLOWED_HOSTS"]["value"].split(",")
+    assert host in allowed_hosts and f"{host}:{service['spec']['ports'][0]['port']}" in allowed_hosts
+    assert env["MLFLOW_PORT"]["value"] == str(container["ports"][0]["containerPort"])
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"] == re.search(
+        r"MLFLOW_ARTIFACTS_DESTINATION=(\S+)", "\n".join(launcher["head_start_ray_commands"])).group(1)
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e}
+    assert secrets == {"evl-mlflow-tracking", "evl-mlflow-server"}
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert _selects({"matchLabels": service["spec"]["selector"]}, deployment["spec"]["template"]["metadata"]["labels"])
+    account = kube_objects[("ServiceAccount", "evl-ray")]
+    assert account["automountServiceAccountToken"] is False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -500,88 +664,6 @@ SCRIPTS = sorted(CLUSTER.glob("*.sh"))
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(script)], check=True)
-
-
-def _mlflow(tmp_path, *args, **env):
-    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "MLFLOW_DRY_RUN": "1"}
-    return subprocess.run(["bash", str(CLUSTER / "mlflow_server.sh"), *args], capture_output=True, text=True,
-                          env={**base, **env}, timeout=60)
-
-
-def test_mlflow_server_command(tmp_path):
-    art = "s3://YOUR-BUCKET/evl/mlflow-artifacts"
-    out = _mlflow(tmp_path, MLFLOW_HOST="10.0.1.23", MLFLOW_ARTIFACTS_DESTINATION=art)
-    assert out.returncode == 0, out.stderr
-    cmd = shlex.split(out.stdout)
-    assert cmd[:2] == ["mlflow", "server"]
-    flags = cmd[2:]
-    value = {flags[i]: flags[i + 1] for i in range(len(flags) - 1) if flags[i].startswith("--")}
-    assert value["--host"] == "10.0.1.23" and value["--port"] == "5000"
-    assert value["--artifacts-destination"] == art and "--serve-artifacts" in flags
-    assert value["--backend-store-uri"] == f"sqlite:///{tmp_path}/mlflow/mlflow.db" and value["--workers"] == "1"
-
-    # A database URI from the environment file (where a password belongs), and more workers.
-    secrets = tmp_path / ".evl-cluster"
-    secrets.mkdir()
-    (secrets / "mlflow.env").write_text("MLFLOW_BACKEND_STORE_URI=postgresql://u:p@db:5432/mlflow\n")
-    out = _mlflow(tmp_path, MLFLOW_HOST="10.0.1.23", MLFLOW_ARTIFACTS_DESTINATION=art, MLFLOW_WORKERS="8")
-    flags = shlex.split(out.stdout)
-    assert flags[flags.index("--backend-store-uri") + 1] == "postgresql://u:p@db:5432/mlflow"
-    assert flags[flags.index("--workers") + 1] == "8"
-    out = _mlflow(tmp_path, MLFLOW_HOST="10.0.1.23", MLFLOW_ARTIFACTS_DESTINATION=art)
-    assert shlex.split(out.stdout)[shlex.split(out.stdout).index("--workers") + 1] == "4"
-
-    # Never on a wildcard or public address; never without an artifact store.
-    for host in ("0.0.0.0", "::", "8.8.8.8"):
-        out = _mlflow(tmp_path, MLFLOW_HOST=host, MLFLOW_ARTIFACTS_DESTINATION=art)
-        assert out.returncode != 0 and "mlflow" not in out.stdout, host
-    assert _mlflow(tmp_path, MLFLOW_HOST="10.0.1.23").returncode != 0
-    out = _mlflow(tmp_path, "--print-host", MLFLOW_HOST="10.0.1.23")
-    assert out.returncode == 0 and out.stdout.strip() == "10.0.1.23"
-    assert _mlflow(tmp_path, "--bogus", MLFLOW_HOST="10.0.1.23").returncode != 0
-    # The flags are ones this MLflow's server command accepts.
-    from mlflow.cli import server
-
-    accepted = {opt for param in server.params for opt in param.opts}
-    assert {f for f in flags if f.startswith("--")} <= accepted
-
-
-FAKE_AWS = textwrap.dedent("""
-    import json, os, sys
-    with open(os.environ["FAKE_AWS_LOG"], "a") as f:
-        f.write(json.dumps(sys.argv[1:]) + "\\n")
-    if sys.argv[1:3] == ["sts", "get-caller-identity"]:
-        print("123456789012")
-    elif sys.argv[1:3] in (["iam", "get-role"], ["iam", "get-instance-profile"]):
-        sys.exit(254)  # not there yet
-""")
-
-
-def test_aws_iam_script_creates_a_profile_nodes_can_use(tmp_path):
-    fake = tmp_path / "bin" / "aws"
-    fake.parent.mkdir()
-    fake.write_text(f"#!{sys.executable}\n{FAKE_AWS}")
-    fake.chmod(0o755)
-    log = tmp_path / "calls.jsonl"
-    out = subprocess.run(["bash", str(CLUSTER / "aws_iam.sh")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "FAKE_AWS_LOG": str(log)})
-    assert out.returncode == 0, out.stderr
-    calls = [json.loads(line) for line in log.read_text().splitlines()]
-    verbs = [c[1] for c in calls if c[0] == "iam"]
-    for verb in ("create-role", "attach-role-policy", "put-role-policy", "create-instance-profile",
-                 "add-role-to-instance-profile"):
-        assert verb in verbs, verb
-    policies = {c[c.index("--policy-arn") + 1].rsplit("/", 1)[1] for c in calls if "--policy-arn" in c}
-    assert {"AmazonS3FullAccess", "AmazonEC2ContainerRegistryReadOnly", "AmazonEC2FullAccess"} <= policies
-    for call in calls:
-        for flag in ("--assume-role-policy-document", "--policy-document"):
-            if flag in call:
-                json.loads(call[call.index(flag) + 1])  # the inline JSON survives the shell quoting
-    pass_role = next(c for c in calls if "put-role-policy" in c)
-    document = json.loads(pass_role[pass_role.index("--policy-document") + 1])
-    assert document["Statement"][0]["Action"] == "iam:PassRole"
-    launcher = _yaml(ROOT / "ray_cluster.yaml")
-    assert out.stdout.strip() == launcher["available_node_types"]["head"]["node_config"]["IamInstanceProfile"]["Arn"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -692,7 +774,7 @@ def test_readme_commands_name_existing_files_and_parse(launcher):
                 assert params["cluster_config_file"] == "ray_cluster.yaml"
         elif words[0] == "export" and words[1].startswith("RAY_API_SERVER_ADDRESS="):
             api_port = int(words[1].rsplit(":", 1)[1])
-        elif words[0] == "kubectl" and words[1] == "port-forward":
+        elif words[0] == "kubectl" and words[1] == "port-forward" and words[-2].endswith("-head-svc"):
             forwarded.add(int(words[-1].split(":")[0]))
         elif words[0] == "docker" and words[1] in ("build", "push"):
             tag = words[words.index("-t") + 1] if "-t" in words else words[2]
@@ -712,6 +794,7 @@ def test_readme_commands_name_existing_files_and_parse(launcher):
 def test_readme_covers_every_shipped_file():
     readme = cluster_section()
     shipped = [p.relative_to(ROOT).as_posix() for p in CLUSTER.rglob("*")
-               if p.is_file() and p.name not in ("README.md", "Dockerfile.dockerignore")]
+               if p.is_file() and p.name not in ("README.md", "Dockerfile.dockerignore")
+               and "__pycache__" not in p.parts]
     for rel in ["ray_cluster.yaml", *shipped]:
         assert rel in readme or Path(rel).name in readme, f"README.md's cluster section does not mention {rel}"
