@@ -12,10 +12,15 @@ videos in the same run, and ends with a RandAugment + RandomResizedCrop-to-224 c
               the non-reference frames that are not wanted; pixel-identical), then evl.video.transforms.
               TrainTransform (RandAugment with OpenCV for the affine ops and sharpness, crop on uint8;
               normalisation is left to the trainer's GPU).
+With --transcode S, the videos are also re-encoded as `evl prepare --transcode DEST --short-side S` does
+(evl.video.transcode: h264, short side S, a keyframe every --copy-keyint frames; cached), and
+`evl-transcoded` (this project's pipeline on those copies) runs in the same run, compared with `evl` on the
+originals against the 3x target.
 Each worker is one process with one decoder thread and one torch/OpenCV thread, so clips/s per worker is
 clips/s per core. Per-phase CPU times (decode, augment) show where the time goes.
 
     python bench/decode.py                        # synthetic 10 s 340x256 h264 clips (cached in data/)
+    python bench/decode.py --size 1280 720 --num-videos 6 --transcode 320   # 720p originals vs copies
     python bench/decode.py --videos /k400/val     # your own videos (a folder or files)
     python bench/decode.py --workers 1 2 --clips 60 --json bench.json
 """
@@ -23,6 +28,7 @@ clips/s per core. Per-phase CPU times (decode, augment) show where the time goes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -34,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("reference", "decord", "evl")
+TRANSCODED = tuple(f"{m}-transcoded" for m in METHODS)  # the same methods on the transcoded copies
+TRANSCODE_TARGET = 3.0  # evl-transcoded / evl, clips/s per core
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
 
@@ -54,11 +62,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="resampling of the baseline's RandAugment affine ops (the reference's default: bicubic; "
                         "this project's: bilinear)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker process counts to run")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS + TRANSCODED,
+                   help="default: reference decord evl, plus evl-transcoded with --transcode")
+    p.add_argument("--transcode", type=int, default=None, metavar="SHORT_SIDE",
+                   help="also re-encode the videos to this short side (as evl prepare --transcode) and run "
+                        "evl-transcoded on the copies")
+    p.add_argument("--copy-keyint", type=int, default=None, help="keyframe interval of the copies "
+                                                                  "(default: evl.video.transcode's)")
+    p.add_argument("--copy-preset", default=None, help="x264 preset of the copies (default: evl.video.transcode's)")
+    p.add_argument("--copy-crf", type=int, default=None, help="x264 crf of the copies (default: evl.video.transcode's)")
     p.add_argument("--clips", type=int, default=48, help="timed clips per worker per method")
     p.add_argument("--warmup", type=int, default=2, help="untimed clips per worker first")
     p.add_argument("--json", help="also write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(METHODS) + (["evl-transcoded"] if args.transcode else [])
+    if not args.transcode and any(m in TRANSCODED for m in args.methods):
+        p.error("the *-transcoded methods need --transcode SHORT_SIDE")
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -66,27 +87,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_videos(args: argparse.Namespace) -> list[str]:
-    """Kinetics-like clips: h264 (x264 defaults: preset medium, crf 23), cached by their parameters."""
-    import numpy as np
-
-    from evl.video.synth import SYNTH_CLASSES, encode_video, render_video
-
+    """Kinetics-like clips: h264 (x264 defaults: preset medium, crf 23, keyframes every 250 frames, as the CVDF
+    mirror's ffmpeg-cut files have), cached by their parameters. The content is evl.video.synth's: a textured
+    background under a slowly panning camera, per-frame sensor grain, a moving object; there is no real data
+    here, so these stand in for real videos of that size (real ones have more detail: more bits per frame)."""
     width, height = args.size
     frames = round(args.seconds * args.fps)
     tag = f"{width}x{height}_{frames}f_{args.fps}fps_g{args.keyint or 'default'}"
     folder = Path(args.cache) / tag
     folder.mkdir(parents=True, exist_ok=True)
     options = {"crf": "23", "preset": "medium", **({"g": str(args.keyint)} if args.keyint else {})}
-    paths = []
-    for i in range(args.num_videos):
-        path = folder / f"bench_{i:03d}.mp4"
-        if not path.is_file():
-            name = SYNTH_CLASSES[i % len(SYNTH_CLASSES)]
-            pixels = render_video(name, np.random.default_rng(i), width, height, frames)
-            encode_video(str(path) + ".part.mp4", pixels, fps=args.fps, options=options)
-            os.replace(str(path) + ".part.mp4", path)
-        paths.append(str(path))
-    return paths
+    paths = [folder / f"bench_{i:03d}.mp4" for i in range(args.num_videos)]
+    todo = [(i, str(p), width, height, frames, args.fps, options) for i, p in enumerate(paths) if not p.is_file()]
+    if todo:
+        print(f"writing {len(todo)} synthetic {width}x{height} videos of {frames} frames to {folder} ...", flush=True)
+        _parallel(_write_synthetic, todo)
+    return [str(p) for p in paths]
+
+
+def _write_synthetic(job: tuple) -> None:
+    import numpy as np
+
+    from evl.video.synth import SYNTH_CLASSES, encode_video, render_video
+
+    i, path, width, height, frames, fps, options = job
+    pixels = render_video(SYNTH_CLASSES[i % len(SYNTH_CLASSES)], np.random.default_rng(i), width, height, frames)
+    encode_video(path + ".part.mp4", pixels, fps=fps, options=options)
+    os.replace(path + ".part.mp4", path)
+
+
+def transcoded_videos(args: argparse.Namespace, videos: list[str]) -> tuple[list[str], dict]:
+    """Copies of `videos` made by evl.video.transcode (as `evl prepare --transcode`), cached beside them."""
+    from evl.video.transcode import TranscodeSettings
+
+    defaults = TranscodeSettings()
+    settings = TranscodeSettings(short_side=args.transcode, keyint=args.copy_keyint or defaults.keyint,
+                                 crf=defaults.crf if args.copy_crf is None else args.copy_crf,
+                                 preset=args.copy_preset or defaults.preset)
+    settings.validate()
+    tag = f"s{settings.short_side}_g{settings.keyint}_crf{settings.crf}_{settings.preset}"
+    jobs = []
+    for video in videos:
+        source = Path(video).resolve()
+        key = hashlib.sha256(str(source).encode()).hexdigest()[:10]  # one copy per original file
+        jobs.append((video, str(Path(args.cache) / "transcoded" / tag / f"{source.stem}_{key}.mp4"), settings))
+    todo = [job for job in jobs if not Path(job[1]).is_file()]  # copies are committed only when complete
+    seconds = []
+    if todo:
+        print(f"transcoding {len(todo)} videos to short side {settings.short_side} ...", flush=True)
+        seconds = _parallel(_transcode_one, todo)
+    setup = {"short_side": settings.short_side, "keyint": settings.keyint, "crf": settings.crf,
+             "preset": settings.preset, "example": jobs[0][1] if jobs else None,
+             "transcode_s_per_video": sum(seconds) / len(seconds) if seconds else None,
+             "mbytes_original": sum(os.path.getsize(v) for v in videos) / 1e6,
+             "mbytes_transcoded": sum(os.path.getsize(j[1]) for j in jobs) / 1e6}
+    return [j[1] for j in jobs], setup
+
+
+def _transcode_one(job: tuple) -> float:
+    """Re-encode one video; returns the CPU seconds it took (one thread)."""
+    from evl.video.transcode import transcode_video
+
+    src, dst, settings = job
+    start = time.process_time()
+    transcode_video(src, dst, settings)
+    return time.process_time() - start
+
+
+def _cores() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def _parallel(fn, jobs: list) -> list:
+    """fn over jobs, one process per core (spawned: no forked torch/OpenCV state)."""
+    if len(jobs) == 1 or _cores() == 1:
+        return [fn(job) for job in jobs]
+    with mp.get_context("spawn").Pool(min(len(jobs), _cores()), initializer=_single_threaded) as pool:
+        return pool.map(fn, jobs, chunksize=1)
 
 
 def user_videos(items: list[str]) -> list[str]:
@@ -198,7 +275,8 @@ def _worker(job: dict) -> dict:
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(job["seed"])
-    if job["method"] == "reference":
+    method = job["method"].removesuffix("-transcoded")  # the same method, on the copies' files
+    if method == "reference":
         transform = ReferenceTransform(job["crop"], job["rand_augment"] or None, job["reference_resample"])
         shape = (3, job["frames"], job["crop"], job["crop"])
     else:
@@ -212,7 +290,7 @@ def _worker(job: dict) -> dict:
         read = {"reference": lambda: reference_frames(videos[k], job["frames"], job["stride"], rng),
                 "decord": lambda: decord_frames(videos[k], job["frames"], job["stride"], rng, infos[k]),
                 "evl": lambda: evl_frames(videos[k], job["frames"], job["stride"], rng, infos[k])}
-        frames = read[job["method"]]()
+        frames = read[method]()
         t1 = time.process_time()
         clip = transform(frames, rng)
         assert tuple(clip.shape) == shape
@@ -231,14 +309,17 @@ def _worker(job: dict) -> dict:
             "augment_s": augment, "clips": job["clips"]}
 
 
-def run_methods(methods: list[str], workers: int, args: argparse.Namespace, videos: list[str],
-                infos: list) -> list[dict]:
-    """Each method in turn on one pool of `workers` processes (started once: importing torch is slow)."""
+def run_methods(methods: list[str], workers: int, args: argparse.Namespace, sets: dict[str, tuple]) -> list[dict]:
+    """Each method in turn on one pool of `workers` processes (started once: importing torch is slow).
+
+    sets: "original" (and "transcoded") -> (video paths, their probed infos).
+    """
     ctx = mp.get_context("spawn")
     results = []
     with ctx.Manager() as manager, ctx.Pool(workers, initializer=_single_threaded) as pool:
         for method in methods:
             barrier = manager.Barrier(workers)
+            videos, infos = sets["transcoded" if method in TRANSCODED else "original"]
             jobs = [{"method": method, "seed": w, "videos": videos, "infos": infos, "frames": args.frames,
                      "stride": args.stride, "crop": args.crop, "rand_augment": args.rand_augment,
                      "reference_resample": args.reference_resample,
@@ -270,28 +351,33 @@ def _single_threaded() -> None:
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'method':<10}{'workers':>8}{'clips/s':>9}{'per core':>10}{'per CPU-s':>11}"
+    head = (f"{'method':<16}{'workers':>8}{'clips/s':>9}{'per core':>10}{'per CPU-s':>11}"
             f"{'decode ms':>11}{'augment ms':>12}")
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['method']:<10}{r['workers']:>8}{r['clips_per_s']:>9.1f}{r['clips_per_s_per_core']:>10.1f}"
+        lines.append(f"{r['method']:<16}{r['workers']:>8}{r['clips_per_s']:>9.1f}{r['clips_per_s_per_core']:>10.1f}"
                      f"{r['clips_per_cpu_s']:>11.1f}{r['decode_ms_per_clip']:>11.1f}{r['augment_ms_per_clip']:>12.1f}")
     return "\n".join(lines)
 
 
-def speedups(results: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
-    """method / reference, per method and worker count: per core (wall), per CPU-second, each phase alone."""
+def speedups(results: list[dict], baseline: str = "reference",
+             pairs: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """ours / base, per method and worker count: per core (wall), per CPU-second, each phase alone.
+
+    Every method other than `baseline` against it, or with `pairs`, each method against its own base.
+    """
     out: dict[str, dict[str, dict[str, float]]] = {}
     by = {(r["method"], r["workers"]): r for r in results}
     for (method, w), ours in sorted(by.items()):
-        ref = by.get(("reference", w))
-        if method == "reference" or ref is None:
+        base_name = pairs.get(method) if pairs is not None else (None if method == baseline else baseline)
+        base = by.get((base_name, w))
+        if base is None:
             continue
         out.setdefault(method, {})[str(w)] = {
-            "per_core": ours["clips_per_s_per_core"] / ref["clips_per_s_per_core"],
-            "per_cpu_s": ours["clips_per_cpu_s"] / ref["clips_per_cpu_s"],
-            "decode_only": ref["decode_ms_per_clip"] / ours["decode_ms_per_clip"],
-            "augment_only": ref["augment_ms_per_clip"] / ours["augment_ms_per_clip"],
+            "per_core": ours["clips_per_s_per_core"] / base["clips_per_s_per_core"],
+            "per_cpu_s": ours["clips_per_cpu_s"] / base["clips_per_cpu_s"],
+            "decode_only": base["decode_ms_per_clip"] / ours["decode_ms_per_clip"],
+            "augment_only": base["augment_ms_per_clip"] / ours["augment_ms_per_clip"],
         }
     return out
 
@@ -302,22 +388,47 @@ def main(argv: list[str] | None = None) -> dict:
 
     videos = user_videos(args.videos) if args.videos else synthetic_videos(args)
     infos = [probe(v) for v in videos]  # what `evl prepare` puts in the manifest; not timed
-    results = [r for w in args.workers for r in run_methods(args.methods, w, args, videos, infos)]
-    report = {
-        "setup": {"videos": len(videos), "example": videos[0], "size": [infos[0].width, infos[0].height],
-                  "video_frames": infos[0].num_frames, "frames": args.frames, "stride": args.stride,
-                  "crop": args.crop, "rand_augment": args.rand_augment, "clips_per_worker": args.clips,
-                  "reference_resample": args.reference_resample,
-                  "cpu_count": os.cpu_count()},
-        "results": results,
-        "speedup": speedups(results),
-    }
+    sets = {"original": (videos, infos)}
+    setup = {"videos": len(videos), "example": videos[0], "size": [infos[0].width, infos[0].height],
+             "video_frames": infos[0].num_frames, "frames": args.frames, "stride": args.stride,
+             "crop": args.crop, "rand_augment": args.rand_augment, "clips_per_worker": args.clips,
+             "reference_resample": args.reference_resample, "cpu_count": os.cpu_count()}
+    if args.transcode:
+        copies, setup["transcoded"] = transcoded_videos(args, videos)
+        copy_infos = [probe(v) for v in copies]  # `evl prepare --transcode` writes these into the manifest
+        if [i.num_frames for i in copy_infos] != [i.num_frames for i in infos]:
+            raise SystemExit("a transcoded copy does not have its original's frame count")
+        sets["transcoded"] = (copies, copy_infos)
+        setup["transcoded"]["size"] = [copy_infos[0].width, copy_infos[0].height]
+    results = [r for w in args.workers for r in run_methods(args.methods, w, args, sets)]
+    pairs = {m: m.removesuffix("-transcoded") for m in args.methods if m in TRANSCODED}
+    report = {"setup": setup, "results": results,
+              "speedup": speedups([r for r in results if r["method"] in METHODS]),
+              "transcoded_vs_original": speedups(results, pairs=pairs)}
+    report["transcode_target"] = {"target_per_core": TRANSCODE_TARGET, **{
+        w: s["per_core"] >= TRANSCODE_TARGET
+        for w, s in report["transcoded_vs_original"].get("evl-transcoded", {}).items()}}
     print(table(results))
     for method, by_workers in report["speedup"].items():
         for w, s in by_workers.items():
             print(f"{method} vs reference, {w} worker(s): {s['per_core']:.2f}x per core (wall), "
                   f"{s['per_cpu_s']:.2f}x per CPU-second; decoding alone {s['decode_only']:.2f}x, "
                   f"augmentation alone {s['augment_only']:.2f}x")
+    if args.transcode:
+        t = setup["transcoded"]
+        print(f"transcoded copies: {t['size'][0]}x{t['size'][1]}, keyframe every {t['keyint']} frames, "
+              f"crf {t['crf']} {t['preset']}; {t['mbytes_transcoded']:.1f} MB vs {t['mbytes_original']:.1f} MB "
+              f"originals" + (f"; {t['transcode_s_per_video']:.1f} CPU-s per video to make"
+                              if t["transcode_s_per_video"] else " (cached)"))
+    for method, by_workers in report["transcoded_vs_original"].items():
+        for w, s in by_workers.items():
+            verdict = ""
+            if method == "evl-transcoded":
+                meets = "meets" if s["per_core"] >= TRANSCODE_TARGET else "MISSES"
+                verdict = f" (target {TRANSCODE_TARGET:g}x: {meets})"
+            print(f"{method} vs {pairs[method]} on the originals, {w} worker(s): {s['per_core']:.2f}x per core "
+                  f"(wall){verdict}, {s['per_cpu_s']:.2f}x per CPU-second; decoding alone "
+                  f"{s['decode_only']:.2f}x, augmentation alone {s['augment_only']:.2f}x")
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -41,6 +41,7 @@ def test_prepare_cvdf_dataset_writes_manifests_classes_and_summary(data_ray, syn
     assert summary["splits"]["val"]["per_class"] == {name: 2 for name in classes}
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["splits"] == summary["splits"] and not on_disk["unreadable"] and not on_disk["missing"]
+    assert "transcode" not in on_disk and not (tmp_path / "originals").exists()  # only with --transcode
 
 
 def test_cli_one_split_prints_summary(data_ray, synth, tmp_path, capsys):
@@ -72,3 +73,8 @@ def test_dataset_given_as_uri(data_ray, synth, tmp_path):
 def test_missing_annotations_is_a_clean_error(data_ray, tmp_path, capsys):
     assert prepare.run(parse(["--dataset", str(tmp_path), "--out", str(tmp_path / "o")])) == 2
     assert "evl prepare:" in capsys.readouterr().err
+
+
+def test_bad_decode_resources_are_refused_before_ray_starts(tmp_path, capsys):
+    assert prepare.run(parse(["--dataset", str(tmp_path), "--out", str(tmp_path), "--decode-resources", "[1]"])) == 2
+    assert "--decode-resources must be a JSON object" in capsys.readouterr().err
