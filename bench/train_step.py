@@ -316,7 +316,7 @@ def run_train_case(case: Case, args: argparse.Namespace, device: torch.device
         trainer = Trainer(cfg, device)
         clips, labels = random_batch(cfg, device, args.host_clips)
         step = functools.partial(trainer.train_micro_batch, clips, labels)
-        seconds, (loss, _) = time_steps(step, args.warmup, args.steps, device)
+        seconds, [(loss, _)] = time_steps(step, args.warmup, args.steps, device)  # one head: one (loss, correct)
     row = result_row(case, cfg, seconds, args.steps, memory)
     row["final_loss"] = loss.item()
     row["loss_finite"] = math.isfinite(row["final_loss"])

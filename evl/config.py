@@ -190,11 +190,13 @@ class SweepConfig:
     stride_for_frames: dict[int, int] = field(default_factory=lambda: {8: 16, 16: 16, 32: 8})
     lr: list[float] | None = None  # also sweep the learning rate
     temporal_switches: bool = False  # also sweep each temporal module on and off
-    search: str = "grid"  # grid: every combination; random: num_samples draws from the space
-    num_samples: int = 1  # grid: repeats of the grid; random: trials
+    search: str = "grid"  # grid: every combination; random: num_samples distinct points drawn from the grid
+    num_samples: int = 1  # grid: repeats of the grid (repeat k with train.seed + k); random: points drawn
     asha: bool = False  # stop weak trials early on validation top-1 (needs several evaluations per trial)
     asha_grace_period: int = 1  # evaluations before a trial may be stopped
     max_concurrent_trials: int | None = None  # null: from the cluster's GPUs (1 on a CPU-only cluster)
+    pack: bool = True  # points that share data and backbone train as one trial: one decode, one backbone pass
+    max_heads_per_trial: int | None = None  # bound a pack's size (memory: one decoder + optimizer per head)
     storage_path: str | None = None  # null: the base config's scaling.storage_path
 
     def validate(self) -> SweepConfig:
@@ -207,7 +209,7 @@ class SweepConfig:
             raise ConfigError(f"sweep stride_for_frames has no stride for num_frames {missing}")
         if self.num_samples < 1:
             raise ConfigError(f"sweep num_samples must be positive, got {self.num_samples}")
-        _positive_or_none(self, "max_concurrent_trials")
+        _positive_or_none(self, "max_concurrent_trials", "max_heads_per_trial")
         return self
 
 

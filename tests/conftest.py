@@ -20,40 +20,39 @@ def tiny_model_config():
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """A 3-class synthetic set of real h264 videos (32 px, 16 frames; 4 train + 2 val per class) with the
-    manifests `evl prepare` writes, probed on a short-lived local Ray."""
-    import ray
+def shared_ray():
+    """One local Ray for every module that needs a plain one (data, training, sweeps, evaluation): room for 2
+    train workers, decode actors and a Tune trial on this small machine. Starting Ray costs seconds on 2
+    cores, so the session starts it once; tests that need a cluster of their own start it in other
+    processes (tests/test_multinode.py)."""
+    from tests.data_helpers import ray_session
 
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # workers inherit it: samples in short runs
+    with ray_session(num_cpus=4) as ray:
+        yield ray
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, shared_ray):
+    """A 3-class synthetic set of real h264 videos (32 px, 16 frames; 4 train + 2 val per class) with the
+    manifests `evl prepare` writes."""
     from evl.video.synth import SynthParams, write_synth_dataset
     from workflows.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("tiny-synth")
     write_synth_dataset(root, SynthParams(num_classes=3, train_per_class=4, val_per_class=2, width=32, height=32,
                                           frames=16))
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        prepare_dataset(str(root), str(root / "manifests"))
-    finally:
-        ray.shutdown()
+    prepare_dataset(str(root), str(root / "manifests"))
     return root
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray with room for 2 train workers, decode actors and a Tune trial on this small machine."""
-    import ray
-
-    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # workers inherit it: samples in short runs
-    ray.init(num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
+@pytest.fixture(scope="session")
+def local_ray(shared_ray):
+    """The shared local Ray, for the training and sweep tests."""
+    return shared_ray
 
 
-@pytest.fixture(scope="module")
-def data_ray():
-    """A 2-CPU local Ray for the data tests (decode actors only); reuses one that is already running."""
-    from tests.data_helpers import ray_session
-
-    with ray_session() as ray:
-        yield ray
+@pytest.fixture(scope="session")
+def data_ray(shared_ray):
+    """The shared local Ray, for the data tests (decode actors only)."""
+    return shared_ray

@@ -81,9 +81,31 @@ def children(client: MlflowClient, parent_run_id: str):
     return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def test_grid_sweep_against_a_tracking_server_then_resume(dataset, mlflow_server, tmp_path, capsys):
+def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_resume(dataset, mlflow_server,
+                                                                                      tmp_path, capsys):
+    """2 frame counts x 2 depths: two packs (one per frame count) of two heads, each head a full citizen: its
+    own FINISHED child run with its params and metrics, its checkpoint that `evl eval` loads, its row. A worker
+    killed mid-run restarts its pack with every head from its own checkpoint; --resume trains nothing again."""
+    import threading
+
+    from tests.test_train_workflow import _kill_a_worker_at_new_checkpoints
+    from workflows.cli import main
+
     path = write_sweep(tmp_path, dataset, mlflow_server, frames=[2, 4], depths=[1, 2])
-    result = sweep(path)
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"] = ["train.num_steps=6", "train.eval_every=2", "train.checkpoint_every=2",
+                         "scaling.max_failures=1"]
+    path.write_text(yaml.safe_dump(spec))
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_at_new_checkpoints,
+                              args=(tmp_path / "sweeps", 1, done, killed), kwargs={"pattern": "*/trials/*/checkpoint_*"})
+    killer.start()
+    try:
+        result = sweep(path)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed"
 
     assert [(r["num_frames"], r["decoder_num_layers"], r["status"]) for r in result.rows] == [
         (2, 1, "finished"), (2, 2, "finished"), (4, 1, "finished"), (4, 2, "finished")]
@@ -100,10 +122,29 @@ def test_grid_sweep_against_a_tracking_server_then_resume(dataset, mlflow_server
     trials = sorted((int(r.data.params["trial.num_frames"]), int(r.data.params["trial.decoder_num_layers"]))
                     for r in runs)
     assert trials == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    packs = {}
     for r in runs:
         assert r.data.params["model.num_frames"] == r.data.params["trial.num_frames"]
         assert r.data.params["data.sampling_rate"] == {"2": "4", "4": "2"}[r.data.params["model.num_frames"]]
-        assert "val_top1" in r.data.metrics and "loss" in r.data.metrics
+        assert {"val_top1", "loss", "system/cpu_utilization_percentage"} <= set(r.data.metrics)
+        assert {"checkpoint", "confusion_matrix.png", "per_class_accuracy.csv"} <= \
+            {a.path for a in client.list_artifacts(r.info.run_id)}
+        packs.setdefault(r.data.tags["evl.pack"], set()).add(r.data.params["trial.decoder_num_layers"])
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert steps == sorted(steps) and steps[-1] == 6  # a restart never took a head back
+    assert sorted(packs.values(), key=sorted) == [{"1", "2"}, {"1", "2"}]  # two packs of both depths
+    restarted = [r for r in runs if "system/resumed_from_step" in r.data.metrics]
+    assert len(restarted) == 2 and len({r.data.tags["evl.pack"] for r in restarted}) == 1  # every head of a pack
+    assert {r["pack"] for r in result.rows} == set(packs)
+
+    # Each head's own checkpoint, in the project's format, through `evl eval`.
+    row = result.rows[1]  # 2 frames, depth 2
+    decoders = sorted((Path(result.csv_path).parent / "trials" / row["pack"]).glob("checkpoint_*/f2-d2-grid/decoder.pt"))
+    assert len(decoders) == 2  # keep_checkpoints
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(decoders[-1].parent), "--manifest",
+                 str(dataset / "manifests" / "val.parquet")]) == 0
+    assert capsys.readouterr().out.startswith("6 videos  top-1")
 
     table = result.table_text()
     assert table.count("finished") == 4 and "top-1" in table and result.best_text().startswith("best:")
@@ -153,7 +194,8 @@ def test_sweep_against_a_sqlite_store_with_relative_paths_twice(dataset, tmp_pat
 
 
 def test_failing_trials_end_their_runs_and_the_sweep_failed(dataset, tmp_path):
-    """Every video of the train manifest is broken: each trial fails; MLflow keeps no run RUNNING."""
+    """Every video of the train manifest is broken: each trial fails; MLflow keeps no run RUNNING. The sweep
+    searches at random: one trial drawn from the four points of the space."""
     from evl.video.kinetics import read_manifest, write_manifest
     from tests.data_helpers import write_bad_videos
 
@@ -166,13 +208,60 @@ def test_failing_trials_end_their_runs_and_the_sweep_failed(dataset, tmp_path):
                    classes=json.loads((dataset / "manifests" / "classes.json").read_text()))
     path = write_sweep(tmp_path, dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", frames=[4], depths=[1])
     spec = yaml.safe_load(path.read_text())
-    spec["overrides"] = [f"data.train_manifest={broken / 'train.parquet'}"]
+    spec.update(overrides=[f"data.train_manifest={broken / 'train.parquet'}"], num_frames=[2, 4],
+                decoder_num_layers=[1, 2], search="random", num_samples=1)
     path.write_text(yaml.safe_dump(spec))
     result = sweep(path)
-    assert [r["status"] for r in result.rows] == ["failed"] and result.best() is None
+    [row] = result.rows
+    assert (row["num_frames"], row["decoder_num_layers"]) in {(2, 1), (2, 2), (4, 1), (4, 2)}
+    assert row["status"] == "failed" and result.best() is None
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(result.parent_run_id).info.status == "FAILED"
     assert [r.info.status for r in children(client, result.parent_run_id)] == ["FAILED"]
+
+
+def test_asha_stops_the_weak_trial(dataset, tmp_path):
+    """Two trials one after the other, a learning one (lr 1e-2) then one that cannot learn (lr 1e-9): at the
+    first rung (step 2) the second is below the first, so ASHA stops it; its MLflow run ends KILLED. (CPU runs
+    are reproducible, so the outcome is too.)"""
+    path = write_sweep(tmp_path, dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", frames=[4], depths=[1])
+    spec = yaml.safe_load(path.read_text())
+    spec.update(lr=[1e-2, 1e-9], asha=True, asha_grace_period=1,
+                overrides=["train.num_steps=8", "train.eval_every=2", "train.checkpoint_every=2"])
+    path.write_text(yaml.safe_dump(spec))
+    result = sweep(path)
+    assert [(r["lr"], r["status"]) for r in result.rows] == [(1e-9, "stopped"), (1e-2, "finished")], result.rows
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    status = {float(r.data.params["train.lr"]): r.info.status for r in children(client, result.parent_run_id)}
+    assert status == {1e-2: "FINISHED", 1e-9: "KILLED"}
+    stopped = next(r for r in children(client, result.parent_run_id) if r.info.status == "KILLED")
+    assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "loss")) < 8
+
+
+def test_bad_sweep_configs_fail_before_anything_starts(dataset, tmp_path):
+    from evl.config import SweepConfig, from_dict
+    from workflows.sweep import load_sweep
+
+    path = write_sweep(tmp_path, dataset, None, frames=[4], depths=[1])
+    spec = yaml.safe_load(path.read_text())
+    bad = {"search": ("bayes", "search must be grid or random"),
+           "num_frames": ([], "must each list at least one value"),
+           "stride_for_frames": ({2: 4}, "no stride for num_frames \\[4\\]"),
+           "num_samples": (0, "num_samples must be positive"),
+           "max_concurrent_trials": (0, "max_concurrent_trials must be positive"),
+           "decoder_num_layer": ([1], "unknown key decoder_num_layer"),
+           "lr": (["fast"], "lr\\[0\\] must be a number")}
+    for key, (value, message) in bad.items():
+        path.write_text(yaml.safe_dump({**spec, key: value}))
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(path)
+    path.write_text(yaml.safe_dump({**spec, "asha": True}))  # eval_every 4 = num_steps: one evaluation only
+    with pytest.raises(ConfigError, match="ASHA needs several evaluations"):
+        sweep(path)
+    path.write_text(yaml.safe_dump({**spec, "decoder_num_layers": [1, 9]}))  # EVL-Tiny has 3 blocks
+    with pytest.raises(ConfigError, match="decoder_num_layers=9"):
+        sweep(path)
+    assert from_dict(SweepConfig, {"num_frames": [8]}).validate().search == "grid"
 
 
 def test_grid_covers_every_combination():

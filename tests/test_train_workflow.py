@@ -27,6 +27,9 @@ def dataset(tiny_dataset, local_ray):
     return tiny_dataset
 
 
+SECOND_RUN = ("data.decode_workers=2", "train.eval_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=2")
+
+
 def tiny_config(dataset: Path, tmp_path: Path, *overrides: str):
     return load_config(ROOT / "configs" / "demo.yaml", [
         f"data.train_manifest={dataset / 'manifests' / 'train.parquet'}",
@@ -40,9 +43,10 @@ def tiny_config(dataset: Path, tmp_path: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def first_run(dataset, tmp_path_factory):
-    """One run of the tiny config, two decode actors racing to feed two trainers."""
+    """One run of the tiny config, two decode actors racing to feed two trainers; three evaluations and
+    checkpoints, two kept."""
     tmp_path = tmp_path_factory.mktemp("first")
-    cfg = tiny_config(dataset, tmp_path, "data.decode_workers=2")
+    cfg = tiny_config(dataset, tmp_path, *SECOND_RUN)
     return cfg, train(cfg), tmp_path
 
 
@@ -55,15 +59,25 @@ def test_train_logs_to_mlflow_and_checkpoints(dataset, first_run, capsys):
     assert run.info.status == "FINISHED"
     assert run.data.params["model.num_frames"] == "4" and run.data.params["model.decoder_num_layers"] == "2"
     assert run.data.params["train.lr"] == str(cfg.train.lr) and run.data.params["model.backbone"] == "EVL-Tiny"
-    for key in ("loss", "lr", "train_top1", "val_top1", "val_top5", "system/clips_per_s", "system/data_wait_frac",
-                "system/decode_failures"):
-        # each metric once per measurement: train metrics every log step, validation every evaluation
+    # each metric once per measurement: train metrics every log step (3), validation every evaluation (2)
+    for key in ("loss", "lr", "train_top1", "system/clips_per_s", "system/data_wait_frac", "system/decode_failures"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [3, 6], key
-    assert any(k.startswith("system/") for k in run.data.metrics)  # MLflow system metrics from rank 0
+    for key in ("val_top1", "val_top5"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4, 6], key
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # MLflow's system metrics from rank 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "confusion_matrix.png", "per_class_accuracy.csv", "skipped_videos.tsv",
             "checkpoint"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/decoder.pt"]
+
+    # keep_checkpoints=2 of the three: the best two by validation top-1; the one returned is the best.
+    val_top1 = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_top1")}
+    kept = {load_checkpoint(d / "decoder.pt").extra["step"]: d for d in Path(result.run_dir).glob("checkpoint_*")}
+    assert len(kept) == 2, kept
+    [dropped] = set(val_top1) - set(kept)
+    assert all(val_top1[step] >= val_top1[dropped] for step in kept)
+    best = load_checkpoint(Path(result.checkpoint_dir) / "decoder.pt")
+    assert best.extra["val_top1"] == max(val_top1.values()) and best.extra["step"] in kept
 
     ckpt = load_checkpoint(Path(result.checkpoint_dir) / "decoder.pt")
     assert ckpt.model.num_frames == 4 and ckpt.class_names == sorted(["moving left", "moving right", "growing"])  # own sorted list
@@ -87,7 +101,7 @@ def test_same_seed_same_numbers(dataset, first_run, tmp_path):
     """A second run of the same config on CPU sees the same clips on the same ranks in the same order, however
     the decode actors race, so every number it logs is the first run's."""
     cfg, first, _ = first_run
-    again = train(tiny_config(dataset, tmp_path, "data.decode_workers=2"))
+    again = train(tiny_config(dataset, tmp_path, *SECOND_RUN))
     client = MlflowClient(first.tracking_uri)
     other = MlflowClient(again.tracking_uri)
     for key in ("loss", "train_top1", "val_top1", "val_top5"):
@@ -95,15 +109,22 @@ def test_same_seed_same_numbers(dataset, first_run, tmp_path):
         assert history == [(m.step, m.value) for m in other.get_metric_history(again.mlflow_run_id, key)], key
 
 
-def _kill_one_worker_after_first_checkpoint(run_dir_root: Path, done: threading.Event, killed: list) -> None:
-    """Wait for a checkpoint to land in storage, then SIGKILL one Ray Train worker process."""
-    deadline = time.time() + 240
-    while time.time() < deadline and not done.is_set():
-        if any(run_dir_root.glob("*/checkpoint_*")):
-            for pid in _train_worker_pids():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
+def _kill_a_worker_at_new_checkpoints(run_dir_root: Path, times: int, done: threading.Event, killed: list,
+                                      pattern: str = "*/checkpoint_*") -> None:
+    """Each time a checkpoint lands in storage (`pattern` under run_dir_root) that was not there at the last
+    kill, SIGKILL one Ray Train worker process; `times` times. It waits a moment first: Ray Train's controller
+    registers a reported checkpoint at its next poll of the workers (every 2 s), and a worker killed before that
+    loses it (the restart then rightly begins from the one before)."""
+    seen: set[Path] = set()
+    deadline = time.time() + 300
+    while time.time() < deadline and not done.is_set() and len(killed) < times:
+        fresh = set(run_dir_root.glob(pattern)) - seen
+        pids = _train_worker_pids()
+        if fresh and pids:
+            time.sleep(3.5)
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+            seen |= set(run_dir_root.glob(pattern))
         time.sleep(0.2)
 
 
@@ -120,48 +141,41 @@ def _train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-def _run_with_killer(cfg, **kwargs):
+def test_killed_workers_restart_then_the_stopped_run_resumes(dataset, tmp_path):
+    """max_failures=1: the first killed worker's group restarts from its checkpoint; the second kill stops the
+    run (FAILED); `--resume` then finishes it. One MLflow run throughout, no step trained twice."""
+    cfg = tiny_config(dataset, tmp_path, "train.num_steps=18", "scaling.max_failures=1")
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint,
-                              args=(Path(cfg.scaling.storage_path), done, killed))
+    killer = threading.Thread(target=_kill_a_worker_at_new_checkpoints,
+                              args=(Path(cfg.scaling.storage_path), 2, done, killed))
     killer.start()
     try:
-        return train(cfg, **kwargs), killed
+        with pytest.raises(ray.train.TrainingFailedError):  # the second failure is one more than allowed
+            train(cfg)
     finally:
         done.set()
         killer.join()
-
-
-def test_killed_worker_restarts_from_last_checkpoint(dataset, tmp_path):
-    cfg = tiny_config(dataset, tmp_path, "train.num_steps=12", "scaling.max_failures=1")
-    result, killed = _run_with_killer(cfg)
-    assert killed, "no worker was killed"
-    assert result.metrics["step"] == 12
-    client = MlflowClient(result.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
-    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]  # a single MLflow run
-    losses = [m.step for m in client.get_metric_history(result.mlflow_run_id, "loss")]
-    assert losses[-1] == 12 and losses[0] == 3
-
-
-def test_stopped_run_resumes_and_other_configs_are_refused(dataset, tmp_path):
-    cfg = tiny_config(dataset, tmp_path, "train.num_steps=12", "scaling.max_failures=0")
-    with pytest.raises(ray.train.TrainingFailedError):  # no restarts allowed: the run stops
-        _run_with_killer(cfg)
+    assert len(killed) == 2, killed
     run_dir = next(Path(cfg.scaling.storage_path).iterdir())
     run_id = (run_dir / "mlflow_run_id").read_text()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FAILED"
+    [restart] = client.get_metric_history(run_id, "system/resumed_from_step")  # the automatic restart
 
-    other = tiny_config(dataset, tmp_path, "train.num_steps=12", "model.num_frames=8")
+    other = tiny_config(dataset, tmp_path, "train.num_steps=18", "model.num_frames=8")
     with pytest.raises(ConfigError, match="num_frames: run has 4, config has 8"):
         train(other, resume=run_dir.name)
 
     result = train(cfg, resume="latest")
-    assert result.mlflow_run_id == run_id and result.metrics["step"] == 12
+    assert result.mlflow_run_id == run_id and result.metrics["step"] == 18
     assert client.get_run(run_id).info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert 3 in steps and steps[-1] == 12
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # a single MLflow run
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]  # in logging order
+    assert steps == sorted(steps) and steps[0] == 3 and steps[-1] == 18, steps  # never back to step 0
+    resumed = [m.step for m in client.get_metric_history(run_id, "system/resumed_from_step")]
+    assert resumed[0] == restart.step and len(resumed) == 2 and restart.step < resumed[1] < 18
+    assert all(step % 3 == 0 for step in resumed)  # each from a checkpoint (every 3 steps)
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path, capsys):

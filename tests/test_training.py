@@ -58,25 +58,29 @@ def batches(n=3, seed=0):
 def test_fit_learns_accumulates_and_checkpoints(config, tmp_path):
     trainer = Trainer(config)
     assert trainer.world_size == 1 and trainer.engine.gradient_accumulation_steps() == 2
+    assert len(trainer.heads) == 1 and trainer.heads[0].tag == "state" and trainer.cfg is config
     backbone = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
     logs, checkpoints, evals = [], [], []
 
     def evaluate():
-        views = trainer.evaluate([{"clip": b["clip"], "label": b["label"], "video": torch.arange(4)}
-                                  for b in batches(1)(0)])
+        [views] = trainer.gather_views(trainer.evaluate(
+            [{"clip": b["clip"], "label": b["label"], "video": torch.arange(4)} for b in batches(1)(0)]))
         evals.append(views.result().top1)
-        return views.result().metrics()
+        return [views.result().metrics()]
 
     def on_checkpoint(step, metrics):
+        assert len(metrics) == 1 and "loss" in metrics[0] and "val_top1" in metrics[0]
         trainer.save(tmp_path / f"step{step}", extra={"step": step})
         checkpoints.append(step)
 
-    metrics = fit(trainer, batches(), evaluate=evaluate, on_log=lambda s, m: logs.append((s, m)),
-                  on_checkpoint=on_checkpoint)
+    [metrics] = fit(trainer, batches(), evaluate=evaluate, on_log=lambda s, m: logs.append((s, m)),
+                    on_checkpoint=on_checkpoint)
     assert trainer.step == 12  # 24 micro-batches over epochs of 3, two per optimizer step
     assert checkpoints == [6, 12]
-    train_logs = [(s, m) for s, m in logs if "loss" in m]
+    assert all(len(m) == 1 for _, m in logs)  # one dict per head
+    train_logs = [(s, m[0]) for s, m in logs if "loss" in m[0]]
     assert [s for s, _ in train_logs] == [4, 8, 12]
+    assert all("val_top1" not in m for _, m in train_logs)  # each metric logged only when measured
     assert train_logs[-1][1]["loss"] < train_logs[0][1]["loss"]
     assert train_logs[-1][1]["lr"] == 0.0  # cosine reaches zero at the last step
     assert evals[-1] == 1.0 and metrics["val_top1"] == 1.0  # four clips, memorised
@@ -84,6 +88,7 @@ def test_fit_learns_accumulates_and_checkpoints(config, tmp_path):
         assert torch.equal(v, backbone[k]), k
 
     # A fresh worker restored from the step-6 checkpoint has that step's weights, step count and schedule.
+    assert (tmp_path / "step6" / "state").is_dir() and (tmp_path / "step6" / "latest").read_text() == "state"
     restored = Trainer(config)
     assert restored.load(tmp_path / "step6") == {"step": 6}
     assert restored.step == 6

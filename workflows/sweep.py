@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import itertools
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from workflows import console
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TABLE_COLUMNS = ("num_frames", "decoder_num_layers", "lr", "temporal", "status", "val_top1", "val_top5",
-                 "clips_per_s", "trainable_params", "mlflow_run")
+                 "clips_per_s", "trainable_params", "mlflow_run", "pack")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,18 +77,53 @@ def trial_config(base: dict[str, Any], point: dict[str, Any], scfg: SweepConfig,
     return from_dict(Config, apply_overrides(base, overrides)).validate()
 
 
-def run_trial(point: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
+def sweep_points(scfg: SweepConfig, base: Config) -> list[dict[str, Any]]:
+    """The points the sweep trains: the whole grid (repeated num_samples times, each repeat with the next seed),
+    or for `search: random` num_samples distinct points of it drawn with the base config's seed."""
+    points = trial_points(scfg)
+    if scfg.search == "random":
+        return random.Random(base.train.seed).sample(points, min(scfg.num_samples, len(points)))
+    return [p if k == 0 else {**p, "train.seed": base.train.seed + k} for k in range(scfg.num_samples) for p in points]
+
+
+def trial_packs(scfg: SweepConfig, points: list[dict[str, Any]], base: dict[str, Any],
+                storage: str) -> list[dict[str, Any]]:
+    """The sweep's Tune trials, each {"name": folder, "points": [...]}: the points that share everything on the
+    data and backbone side (`evl.packing.pack_key`) go into one pack, at most max_heads_per_trial each; one point
+    per trial with `pack: false` or with ASHA, which stops trials one by one."""
+    from evl.packing import group_packable
+
+    if not scfg.pack or scfg.asha:
+        groups = [[i] for i in range(len(points))]
+    else:
+        size = scfg.max_heads_per_trial or len(points)
+        groups = [group[j:j + size] for group in group_packable([trial_config(base, p, scfg, storage)
+                                                                  for p in points])
+                  for j in range(0, len(group), size)]
+    packs = []
+    for k, group in enumerate(groups):
+        names = [trial_config(base, points[i], scfg, storage).name for i in group]
+        packs.append({"name": names[0] if len(group) == 1 else f"pack{k}-{len(group)}heads-{names[0]}",
+                      "points": [points[i] for i in group]})
+    return packs
+
+
+def run_trial(pack: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
               parent_run_id: str) -> None:
-    """One Tune trial: a whole training run, reporting to Tune through Ray Train's callback."""
+    """One Tune trial: a whole training run of one pack of heads, reporting to Tune through Ray Train's callback.
+    Run again (a resumed sweep's errored trial), it continues the pack's run from its last checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.train import train
+    from workflows.train import RUN_ID_FILE, train_pack
 
     sweep_cfg = from_dict(SweepConfig, scfg)
-    cfg = trial_config(base, point, sweep_cfg, storage)
-    train(cfg, parent_run_id=parent_run_id, callbacks=[TuneReportCallback()],
-          extra_params={"trial.num_frames": cfg.model.num_frames,
-                        "trial.decoder_num_layers": cfg.model.decoder_num_layers})
+    cfgs = [trial_config(base, point, sweep_cfg, storage) for point in pack["points"]]
+    started = read_text(f"{storage}/{pack['name']}/{RUN_ID_FILE}") is not None
+    train_pack(cfgs, resume=pack["name"] if started else None, pack_name=pack["name"], parent_run_id=parent_run_id,
+               callbacks=[TuneReportCallback()],
+               extra_params=[{"trial.num_frames": c.model.num_frames, "trial.decoder_num_layers":
+                              c.model.decoder_num_layers} for c in cfgs],
+               tags={"evl.pack": pack["name"]} if len(cfgs) > 1 else None)
 
 
 @dataclass
@@ -161,11 +197,17 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
     storage_root = scfg.storage_path or base.scaling.storage_path
     storage_root = storage_root if "://" in storage_root else str(Path(storage_root).resolve())
     base_dict = base.to_dict()
-    points = trial_points(scfg)
+    points = sweep_points(scfg, base)
     for point in points:  # every trial's config is checked before anything starts
         cfg = trial_config(base_dict, point, scfg, storage_root)
         resolve_model_config(cfg.model)
         preflight(cfg)
+
+    if scfg.asha and scfg.asha_grace_period * base.train.eval_every >= base.train.num_steps:
+        raise ConfigError(f"ASHA needs several evaluations per trial: it may stop a trial after "
+                          f"asha_grace_period x train.eval_every = {scfg.asha_grace_period * base.train.eval_every} "
+                          f"steps, but trials train {base.train.num_steps}; lower eval_every (and checkpoint_every, "
+                          f"when Tune hears of the evaluations)")
 
     uri = base.tracking.tracking_uri
     if resume:
@@ -183,6 +225,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
                                            tags={"evl.sweep": scfg.name, "evl.sweep_dir": sweep_dir})
         write_bytes(f"{sweep_dir}/{PARENT_RUN_FILE}", parent_run_id.encode())
     trials_storage = f"{sweep_dir}/trials"
+    packs = trial_packs(scfg, points, base_dict, trials_storage)
 
     try:
         ensure_ray(address, min_cpus=(scfg.max_concurrent_trials or 1) * cpus_needed(base))
@@ -192,11 +235,10 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
         # CPUs/GPUs.
         trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
         concurrency = scfg.max_concurrent_trials or _concurrency(base, ray)
-        trials = len(points) * scfg.num_samples if scfg.search == "grid" else scfg.num_samples
         if resume:
             tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
         else:
-            space = {"point": tune.grid_search(points) if scfg.search == "grid" else tune.choice(points)}
+            space = {"pack": tune.grid_search(packs)}
             scheduler = None
             if scfg.asha:
                 scheduler = tune.schedulers.ASHAScheduler(time_attr="step", grace_period=max(
@@ -204,18 +246,19 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(
-                    metric="val_top1", mode="max", scheduler=scheduler, num_samples=scfg.num_samples,
-                    max_concurrent_trials=concurrency),
+                    metric="val_top1", mode="max", scheduler=scheduler, max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=name, storage_path=storage_root, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)))
         if progress:
-            console.say(f"sweep {name}: {trials} trials of {base.train.num_steps} steps, {concurrency} at a time")
-        watch = console.SweepProgress(uri, parent_run_id, trials, base.train.num_steps) if progress \
+            packed = f" in {len(packs)} packs sharing clips and backbone" if len(packs) < len(points) else ""
+            console.say(f"sweep {name}: {len(points)} trials{packed}, {base.train.num_steps} steps each, "
+                        f"{concurrency} at a time")
+        watch = console.SweepProgress(uri, parent_run_id, len(points), base.train.num_steps) if progress \
             else contextlib.nullcontext()
         with watch:
             grid = tuner.fit()
 
-        rows = [_row(r, base) for r in grid]
+        rows = [row for r in grid for row in _rows(r, base)]
         rows.sort(key=lambda r: (r["num_frames"], r["decoder_num_layers"], r["lr"], r["temporal"]))
         result = SweepResult(name, rows, f"{sweep_dir}/summary.csv", f"{sweep_dir}/heatmap.png", parent_run_id,
                              uri, base.tracking.experiment)
@@ -234,7 +277,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
 
 def _trial_entry(config: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
                  parent_run_id: str) -> None:
-    run_trial(config["point"], base, scfg, storage, parent_run_id)
+    run_trial(config["pack"], base, scfg, storage, parent_run_id)
 
 
 def _concurrency(base: Config, ray) -> int:
@@ -244,20 +287,27 @@ def _concurrency(base: Config, ray) -> int:
     return max(1, gpus // base.scaling.num_workers)
 
 
-def _row(result, base: Config) -> dict[str, Any]:
-    point = result.config["point"]
-    metrics = result.metrics or {}
-    temporal = "".join(("c" if point.get("model.temporal_conv", base.model.temporal_conv) else "-",
-                        "p" if point.get("model.temporal_pos_embed", base.model.temporal_pos_embed) else "-",
-                        "x" if point.get("model.temporal_cross_attention",
-                                         base.model.temporal_cross_attention) else "-"))
-    finished = result.error is None and "val_top1" in metrics and metrics.get("step") == base.train.num_steps
-    status = "finished" if finished else ("failed" if result.error is not None else "stopped")
-    return {"num_frames": point["model.num_frames"], "decoder_num_layers": point["model.decoder_num_layers"],
-            "lr": point.get("train.lr", base.train.lr), "temporal": temporal, "status": status,
-            "val_top1": metrics.get("val_top1") if "val_top1" in metrics else None,
-            "val_top5": metrics.get("val_top5"), "clips_per_s": metrics.get("clips_per_s"),
-            "trainable_params": metrics.get("trainable_params"), "mlflow_run": metrics.get("mlflow_run_id", "")}
+def _rows(result, base: Config) -> list[dict[str, Any]]:
+    """The table rows of one Tune trial: one per head of its pack."""
+    from workflows.train import head_metrics
+
+    points = result.config["pack"]["points"]
+    rows = []
+    for i, point in enumerate(points):
+        metrics = head_metrics(result.metrics or {}, i, len(points))
+        temporal = "".join(("c" if point.get("model.temporal_conv", base.model.temporal_conv) else "-",
+                            "p" if point.get("model.temporal_pos_embed", base.model.temporal_pos_embed) else "-",
+                            "x" if point.get("model.temporal_cross_attention",
+                                             base.model.temporal_cross_attention) else "-"))
+        finished = result.error is None and "val_top1" in metrics and metrics.get("step") == base.train.num_steps
+        status = "finished" if finished else ("failed" if result.error is not None else "stopped")
+        rows.append({"num_frames": point["model.num_frames"], "decoder_num_layers": point["model.decoder_num_layers"],
+                     "lr": point.get("train.lr", base.train.lr), "temporal": temporal, "status": status,
+                     "val_top1": metrics.get("val_top1") if "val_top1" in metrics else None,
+                     "val_top5": metrics.get("val_top5"), "clips_per_s": metrics.get("clips_per_s"),
+                     "trainable_params": metrics.get("trainable_params"),
+                     "mlflow_run": metrics.get("mlflow_run_id", ""), "pack": result.config["pack"]["name"]})
+    return rows
 
 
 def _write_summary(result: SweepResult, scfg: SweepConfig, uri: str) -> None:

@@ -4,6 +4,11 @@ Ray Data decodes clips on CPU actors and streams equal shards to a Ray Train Tor
 `evl.training` (frozen backbone + DeepSpeed engine around decoder and head). Checkpoints go through
 `ray.train.report`, kept top-k by validation top-1; a failed worker group restarts from the last one. The
 driver owns the MLflow run; rank 0 writes metrics and artifacts to it.
+
+A run may train a pack of heads (`train_pack`, what a packed sweep trial does): one decoded stream and one
+backbone pass per step feed several decoders + heads, each with its own MLflow run, metrics, artifacts and
+decoder checkpoint (`<checkpoint>/<head name>/decoder.pt`), as if it had trained alone. A plain run is a pack
+of one, with its decoder at `<checkpoint>/decoder.pt`.
 """
 
 from __future__ import annotations
@@ -172,36 +177,53 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
     """Run one training job and return where everything went. `parent_run_id` nests the MLflow run (sweeps);
     `callbacks` are Ray Train callbacks (a sweep passes Tune's report callback); `progress` prints the run's
     progress (read back from MLflow) while it trains."""
+    return train_pack([cfg], resume=resume, address=address, parent_run_id=parent_run_id,
+                      extra_params=[extra_params or {}], callbacks=callbacks, progress=progress)[0]
+
+
+def train_pack(cfgs: list[Config], resume: str | None = None, address: str | None = None,
+               parent_run_id: str | None = None, extra_params: list[dict[str, Any]] | None = None,
+               callbacks: list | None = None, progress: bool = False, pack_name: str | None = None,
+               tags: dict[str, str] | None = None) -> list[TrainResult]:
+    """Train the heads `cfgs` (`evl.packing.check_packable` must accept them) in one Ray Train run, one MLflow
+    run each; returns one TrainResult per head. The run's folder is `pack_name` (default: the first head's run
+    name) under the heads' shared storage."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from evl.backbone import backbone_spec
+    from evl.packing import check_packable
     from evl.training import read_deepspeed_overrides
     from workflows import console, tracking
     from workflows.data import cpus_needed, eval_dataset, ingest_options, train_dataset
     from workflows.runtime import ensure_ray
 
     start = time.perf_counter()
-    cfg = anchor_paths(cfg)
-    preflight(cfg)
+    cfgs = [anchor_paths(cfg) for cfg in cfgs]
+    for cfg in cfgs:
+        preflight(cfg)
+    check_packable(cfgs)
+    cfg = cfgs[0]  # what the heads share: data, backbone, schedule, workers
     names = class_names(cfg)
     image_size = backbone_spec(cfg.model.backbone).image_size
+    extra_params = extra_params or [{} for _ in cfgs]
 
     uri = cfg.tracking.tracking_uri  # anchor_paths resolved it
-    storage, run_name = cfg.scaling.storage_path, _run_name(cfg, resume)
+    storage, run_name = cfg.scaling.storage_path, pack_name or _run_name(cfg, resume)
     run_dir = f"{storage}/{run_name}"
+    head_names = [c.tracking.run_name or c.name for c in cfgs] if len(cfgs) > 1 else [run_name]
     if resume:
-        run_id = (read_text(f"{run_dir}/{RUN_ID_FILE}") or "").strip()
-        if not run_id:
-            raise ConfigError(f"--resume {run_name}: no run in {run_dir}")
-        _check_resumable(cfg, run_dir)
+        run_ids = (read_text(f"{run_dir}/{RUN_ID_FILE}") or "").split()
+        if len(run_ids) != len(cfgs):
+            raise ConfigError(f"--resume {run_name}: no run of {len(cfgs)} head(s) in {run_dir}")
+        _check_resumable(cfgs, run_dir)
     else:
-        run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name,
-                                    {**cfg.flat(), **(extra_params or {})}, dump_yaml(cfg),
-                                    tags={"evl.run_dir": run_dir}, parent_run_id=parent_run_id)
-        write_text(f"{run_dir}/{RUN_ID_FILE}", run_id)
-        write_text(f"{run_dir}/config.yaml", dump_yaml(cfg))
+        run_ids = [tracking.start_run(uri, c.tracking.experiment, head, {**c.flat(), **params}, dump_yaml(c),
+                                      tags={"evl.run_dir": run_dir, **(tags or {})}, parent_run_id=parent_run_id)
+                   for c, head, params in zip(cfgs, head_names, extra_params)]
+        write_text(f"{run_dir}/{RUN_ID_FILE}", "\n".join(run_ids))
+        write_text(f"{run_dir}/config.yaml", dump_yaml(cfg) if len(cfgs) == 1 else dump_yaml([c.to_dict() for c in cfgs]))
 
     ensure_ray(address, min_cpus=cpus_needed(cfg))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop reports progress itself
@@ -210,7 +232,8 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
         datasets["val"] = eval_dataset(cfg, image_size, cfg.data.val_manifest)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_id": run_id, "tracking_uri": uri, "class_names": names,
+        train_loop_config={"configs": [c.to_dict() for c in cfgs], "heads": head_names, "run_ids": run_ids,
+                           "tracking_uri": uri, "class_names": names,
                            "deepspeed_overrides": read_deepspeed_overrides(cfg.train)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -227,27 +250,46 @@ def train(cfg: Config, resume: str | None = None, address: str | None = None,
         # split (an equal split would drop views), rank 0 reads all of it.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg)),
     )
-    watch = console.RunProgress(uri, run_id, cfg.train.num_steps) if progress else contextlib.nullcontext()
+    watch = console.RunProgress(uri, run_ids[0], cfg.train.num_steps) if progress else contextlib.nullcontext()
     try:
         with watch:
             result = trainer.fit()
     except BaseException as e:
-        tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        for run_id in run_ids:
+            tracking.end_run(uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    tracking.end_run(uri, run_id, "FINISHED")
-    best = _best_checkpoint(result)
-    return TrainResult(run_name=run_name, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=uri,
-                       metrics=dict(result.metrics or {}), checkpoint_dir=best,
-                       wall_s=time.perf_counter() - start)
+    for run_id in run_ids:
+        tracking.end_run(uri, run_id, "FINISHED")
+    wall = time.perf_counter() - start
+    return [TrainResult(run_name=head, run_dir=run_dir, mlflow_run_id=run_id, tracking_uri=uri,
+                        metrics=head_metrics(result.metrics or {}, i, len(cfgs)),
+                        checkpoint_dir=_best_checkpoint(result, i, len(cfgs), head), wall_s=wall)
+            for i, (head, run_id) in enumerate(zip(head_names, run_ids))]
 
 
-def _best_checkpoint(result) -> str | None:
+def head_metrics(report: dict[str, Any], index: int, heads: int) -> dict[str, Any]:
+    """One head's metrics from a run's report: a pack reports each head's under `h<i>/`."""
+    if heads == 1:
+        return dict(report)
+    prefix = f"h{index}/"
+    return {"step": report.get("step"), **{k[len(prefix):]: v for k, v in report.items() if k.startswith(prefix)}}
+
+
+def _best_checkpoint(result, index: int, heads: int, head: str) -> str | None:
+    """The kept checkpoint where this head's validation top-1 was highest (a pack's: its head's folder)."""
+    def score(metrics: dict[str, Any]) -> float:
+        return head_metrics(metrics, index, heads).get("val_top1", 0.0)
+
     if result.best_checkpoints:
-        return max(result.best_checkpoints, key=lambda cm: cm[1].get("val_top1", 0.0))[0].path
-    return result.checkpoint.path if result.checkpoint else None
+        path = max(result.best_checkpoints, key=lambda cm: score(cm[1]))[0].path
+    elif result.checkpoint:
+        path = result.checkpoint.path
+    else:
+        return None
+    return path if heads == 1 else f"{path}/{head}"
 
 
-def _check_resumable(cfg: Config, run_dir: str) -> None:
+def _check_resumable(cfgs: list[Config], run_dir: str) -> None:
     """Refuse to resume a run with another model configuration before any worker starts."""
     import yaml
 
@@ -256,10 +298,16 @@ def _check_resumable(cfg: Config, run_dir: str) -> None:
     text = read_text(f"{run_dir}/config.yaml")
     if text is None:
         return
-    saved = anchor_paths(from_dict(Config, yaml.safe_load(text))).model
-    diffs = [f"{k}: run has {getattr(saved, k)!r}, config has {getattr(cfg.model, k)!r}"
-             for k in (*STRUCTURAL_FIELDS, "pretrained", "backbone_seed")
-             if getattr(saved, k) != getattr(cfg.model, k)]
+    saved = yaml.safe_load(text)
+    saved = saved if isinstance(saved, list) else [saved]
+    if len(saved) != len(cfgs):
+        raise ConfigError(f"cannot resume {run_dir}: it trained {len(saved)} head(s), not {len(cfgs)}")
+    diffs = []
+    for old, cfg in zip(saved, cfgs):
+        model = anchor_paths(from_dict(Config, old)).model
+        diffs += [f"{k}: run has {getattr(model, k)!r}, config has {getattr(cfg.model, k)!r}"
+                  for k in (*STRUCTURAL_FIELDS, "pretrained", "backbone_seed")
+                  if getattr(model, k) != getattr(cfg.model, k)]
     if diffs:
         raise ConfigError(f"cannot resume {run_dir} with another model configuration:\n  " + "\n  ".join(diffs))
 
@@ -278,21 +326,26 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from workflows import tracking
     from workflows.data import decode_failures
 
-    cfg = from_dict(Config, loop_cfg["config"])
-    run_id, uri, names = loop_cfg["run_id"], loop_cfg["tracking_uri"], loop_cfg["class_names"]
+    cfgs = [from_dict(Config, c) for c in loop_cfg["configs"]]
+    heads, run_ids = loop_cfg["heads"], loop_cfg["run_ids"]
+    uri, names = loop_cfg["tracking_uri"], loop_cfg["class_names"]
+    cfg, packed = cfgs[0], len(cfgs) > 1
     rank = ray.train.get_context().get_world_rank()
-    trainer = Trainer(cfg, ray.train.torch.get_device(), loop_cfg["deepspeed_overrides"])
+    trainer = Trainer(cfgs, ray.train.torch.get_device(), loop_cfg["deepspeed_overrides"])
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as directory:
             trainer.load(directory)
-    client = None
+    client, monitors = None, []
     if rank == 0:
-        import mlflow
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         client = MlflowClient(uri)
-        mlflow.set_tracking_uri(uri)
-        mlflow.start_run(run_id=run_id, log_system_metrics=True)  # CPU/GPU/memory of this node, every 10 s
+        for run_id in run_ids:  # CPU/GPU/memory of this node, every 10 s, on every head's run
+            monitors.append(SystemMetricsMonitor(run_id, resume_logging=bool(restored), tracking_uri=uri))
+            monitors[-1].start()
+            if restored:  # a restarted worker group (or --resume): the step it continues from, on the charts
+                tracking.log_metrics(client, run_id, trainer.step, {"resumed_from_step": float(trainer.step)})
     micro = cfg.train.micro_batch_size
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_manifest else None
@@ -303,48 +356,56 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     def train_batches(epoch: int):
         return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
 
-    def evaluate() -> dict[str, float]:
+    def evaluate() -> list[dict[str, float]]:
         batches = val_shard.iter_torch_batches(batch_size=micro) if rank == 0 else []
-        views = trainer.gather_views(trainer.evaluate(batches))
-        result = views.result()
-        last_eval["result"] = result
-        return result.metrics()
+        results = [views.result() for views in trainer.gather_views(trainer.evaluate(batches))]
+        last_eval["results"] = results
+        return [r.metrics() for r in results]
 
-    def on_log(step: int, metrics: dict[str, float]) -> None:
+    def on_log(step: int, per_head: list[dict[str, float]]) -> None:
         if rank != 0:
             return
-        tracking.log_metrics(client, run_id, step, metrics)
-        if "loss" in metrics:
-            log.info(f"step {step}/{cfg.train.num_steps} loss {metrics['loss']:.4f} "
-                  f"top1 {metrics['train_top1']:.3f} lr {metrics['lr']:.2e} "
-                  f"{metrics['clips_per_s']:.1f} clips/s "
-                  f"data wait {metrics['data_wait_frac']:.0%} ETA {metrics['eta_s']:.0f} s")
-        else:
-            log.info(f"step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        for run_id, metrics in zip(run_ids, per_head):
+            tracking.log_metrics(client, run_id, step, metrics)
+        for head, metrics in zip(heads, per_head):
+            if "loss" in metrics:
+                log.info(f"{head} step {step}/{cfg.train.num_steps} loss {metrics['loss']:.4f} "
+                         f"top1 {metrics['train_top1']:.3f} lr {metrics['lr']:.2e} "
+                         f"{metrics['clips_per_s']:.1f} clips/s data wait {metrics['data_wait_frac']:.0%} "
+                         f"ETA {metrics['eta_s']:.0f} s")
+            else:
+                log.info(f"{head} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def extra_metrics() -> dict[str, float]:
         return {"decode_failures": float(decode_failures()["total"])} if rank == 0 else {}
 
-    def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
+    def on_checkpoint(step: int, per_head: list[dict[str, float]]) -> None:
         final = step >= cfg.train.num_steps
+        report: dict[str, Any] = {"step": step}
         with tempfile.TemporaryDirectory() as directory:
             trainer.save(directory, extra={"step": step})
-            if rank == 0:
-                save_checkpoint(Path(directory) / "decoder.pt", trainer.engine.module, trainer.model.config,
-                                trainer.model.backbone.weights_id, class_names=names,
-                                extra={"step": step, "test_views": test_views,
-                                       **{k: v for k, v in metrics.items() if k.startswith("val_")}})
-                if final:
-                    _log_final_artifacts(client, run_id, Path(directory) / "decoder.pt", last_eval.get("result"),
-                                         names)
-            report = {"step": step, "val_top1": metrics.get("val_top1", 0.0), **metrics,
-                      "trainable_params": trainer.model.trainable_parameters(), "mlflow_run_id": run_id}
+            for i, (head, run_id, metrics) in enumerate(zip(heads, run_ids, per_head)):
+                folder = Path(directory) / head if packed else Path(directory)
+                if rank == 0:
+                    save_checkpoint(folder / "decoder.pt", trainer.heads[i].classifier, trainer.heads[i].config,
+                                    trainer.backbone.weights_id, class_names=names,
+                                    extra={"step": step, "test_views": test_views,
+                                           **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+                    if final:
+                        results = last_eval.get("results")
+                        _log_final_artifacts(client, run_id, folder / "decoder.pt",
+                                             results[i] if results else None, names)
+                own = {"val_top1": metrics.get("val_top1", 0.0), **metrics,
+                       "trainable_params": trainer.heads[i].trainable_parameters(), "mlflow_run_id": run_id}
+                report.update({f"h{i}/{k}": v for k, v in own.items()} if packed else own)
+            if packed:  # the run's score (which checkpoints Ray keeps): its best head's
+                report["val_top1"] = max(report[f"h{i}/val_top1"] for i in range(len(heads)))
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     fit(trainer, train_batches, evaluate=evaluate if val_shard is not None else None,
         on_log=on_log, on_checkpoint=on_checkpoint, extra_metrics=extra_metrics)
-    if rank == 0:
-        mlflow.end_run()  # stops the system-metrics thread; the driver sets the run's final status
+    for monitor in monitors:
+        monitor.finish()  # the driver sets the runs' final status
 
 
 def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str]) -> None:
