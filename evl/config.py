@@ -66,7 +66,9 @@ class DataConfig:
     rand_augment: str | None = "rand-m7-n4-mstd0.5-inc1"  # timm RandAugment spec, same ops on every frame
     min_scale: float = 0.08  # RandomResizedCrop scale range
     max_scale: float = 1.0
-    decode_workers: int | None = None  # decode actors; null: one per CPU left over by the trainers
+    decode_workers: int | None = None  # a fixed pool of this many decode actors; null: an elastic pool that
+    # starts with one actor per CPU the trainers leave free and grows onto CPUs (and nodes) that join
+    max_decode_workers: int | None = None  # the elastic pool's cap; null: as many as keep the trainers fed
     decode_batch_size: int = 4  # videos per decode call
     decode_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"decode_node": 0.001}
     max_train_videos: int | None = None  # subset for quick runs
@@ -79,7 +81,10 @@ class DataConfig:
         if self.sampling_rate == 0:
             raise ConfigError("data.sampling_rate must be non-zero (negative selects segment sampling)")
         _positive(self, "num_temporal_views", "decode_batch_size", "passes_per_epoch")
-        _positive_or_none(self, "decode_short_side", "decode_workers", "max_train_videos")
+        _positive_or_none(self, "decode_short_side", "decode_workers", "max_decode_workers", "max_train_videos")
+        if self.decode_workers and self.max_decode_workers:
+            raise ConfigError("data.decode_workers sets a fixed pool, data.max_decode_workers caps an elastic one: "
+                              "set one of them")
         if self.num_spatial_views not in (1, 3):
             raise ConfigError(f"data.num_spatial_views must be 1 or 3, got {self.num_spatial_views}")
         if not 0.0 < self.min_scale <= self.max_scale <= 1.0:

@@ -56,3 +56,38 @@ def local_ray(shared_ray):
 def data_ray(shared_ray):
     """The shared local Ray, for the data tests (decode actors only)."""
     return shared_ray
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_holding_cpus(request):
+    """After each test on the shared Ray: every placement group and CPU-holding actor it made is gone (within
+    30 s, the time Ray Train's cleaner needs). A leak holds CPUs, and a later test's trainers or decode actors
+    would wait for them forever: this fails the test that leaked instead (and removes leaked placement
+    groups)."""
+    yield
+    if "shared_ray" not in request.fixturenames:
+        return
+    import gc
+    import time
+
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.state import list_actors
+
+    if not ray.is_initialized():
+        return
+    gc.collect()  # a dataset iterator the test dropped shuts its executor (and decode actors) down when collected
+    deadline = time.monotonic() + 30
+    while True:
+        groups = {pg_id: pg for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+        free = ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0)
+        if (not groups and free) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    actors = [] if free else [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+                              if a.required_resources.get("CPU", 0) > 0]
+    for pg_id in groups:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    assert not groups and not actors, ("left behind: placement groups "
+                                       f"{[(pg['bundles'], pg['state']) for pg in groups.values()]}, actors "
+                                       f"{[a.class_name for a in actors]}")

@@ -144,7 +144,10 @@ def _init_with_retry(ray, num_cpus: int, attempts: int = 2) -> None:
     waiting for its agents ("Timed out waiting for file .../metrics_agent_port_...")."""
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+            # The dashboard serves the state API that Ray Train's PlacementGroupCleaner polls: without it the
+            # workers' placement group of a trial Tune stops (ASHA, or max_t reached) is never removed, and
+            # the next trial waits for CPUs forever. Users' `ray.init` starts it too.
+            ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=False,
                      runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}})
             return
         except Exception:  # noqa: BLE001 - Ray raises plain Exception for a node that did not start

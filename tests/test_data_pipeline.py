@@ -145,12 +145,22 @@ def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
 
 
 def test_pool_size_and_subset(data_ray, manifests):
-    from workflows.data import _subset, decode_pool_size
+    from evl.config import ConfigError
+    from workflows.data import _subset, decode_pool, decode_pool_size
     from evl.video.kinetics import read_manifest
 
     assert decode_pool_size(config(manifests, decode_workers=3)) == 3
+    fixed = decode_pool(config(manifests, decode_workers=3))
+    assert (fixed.min_size, fixed.initial_size, fixed.max_size) == (3, 3, 3)
     cpus = data_ray.cluster_resources()["CPU"]
-    assert decode_pool_size(config(manifests)) == max(1, int(cpus - 0.5))  # the CPUs 2 trainers x 0.25 leave
+    free = max(1, int(cpus - 0.5))  # the CPUs 2 trainers x 0.25 leave
+    assert decode_pool_size(config(manifests)) == free
+    elastic = decode_pool(config(manifests))  # starts on the free CPUs, grows without a cap, keeps one
+    assert (elastic.min_size, elastic.initial_size, elastic.max_size) == (1, free, float("inf"))
+    capped = decode_pool(config(manifests, max_decode_workers=2))
+    assert (capped.min_size, capped.initial_size, capped.max_size) == (1, min(free, 2), 2)
+    with pytest.raises(ConfigError, match="set one of them"):
+        config(manifests, decode_workers=3, max_decode_workers=4)
     assert decode_pool_size(config(manifests, decode_resources={"decode_node": 0.001})) == 1  # no such node
     table = read_manifest(manifests["train"])
     subset = _subset(table, 8, seed=0)

@@ -225,6 +225,8 @@ def finished_run(work: Path):
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
     assert {"val_top1", "val_top5", "lr", "system/decode_failures"} <= set(run.data.metrics)
+    decoding = client.get_metric_history(run.info.run_id, "system/decode_actors")  # the elastic pool, as it was
+    assert decoding and all(m.value >= 1 for m in decoding), [(m.step, m.value) for m in decoding]
     assert run.data.params["model.backbone"] == "EVL-Tiny"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/decoder.pt"]
     assert str(work / "mlartifacts") in run.info.artifact_uri, run.info.artifact_uri
@@ -277,8 +279,9 @@ def test_submitted_job_decodes_and_trains_on_their_nodes(cluster, tmp_path):
     assert refused.value.code in (401, 403)
 
     manifests = write_tiny_dataset(tmp_path / "synth")
-    overrides = tiny_overrides(manifests, tmp_path) + [
-        "data.decode_resources={decode_node: 0.001}", "scaling.resources_per_worker={trainer_node: 0.001}"]
+    overrides = tiny_overrides(manifests, tmp_path) + [  # the elastic decode pool, pinned to decode nodes
+        "data.decode_resources={decode_node: 0.001}", "scaling.resources_per_worker={trainer_node: 0.001}",
+        "data.decode_workers=null"]
     job_id = f"evl-test-{uuid.uuid4().hex[:8]}"
     submit = ray_job(cluster, "submit", "--working-dir", str(ROOT),
                      "--runtime-env", str(ROOT / "cluster" / "runtime_env.yaml"), "--submission-id", job_id,

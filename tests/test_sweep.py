@@ -1,5 +1,6 @@
 """`evl sweep` on a real local Ray against a real MLflow tracking server (started here) and a SQLite store:
-2 frame counts x 2 decoder depths of a tiny model on synthetic videos, then a resume that reruns nothing."""
+a packed grid of a tiny model on synthetic videos, a resume that reruns nothing, a rerun, failing trials,
+random search and ASHA."""
 
 from __future__ import annotations
 
@@ -83,15 +84,16 @@ def children(client: MlflowClient, parent_run_id: str):
 
 def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_resume(dataset, mlflow_server,
                                                                                       tmp_path, capsys):
-    """2 frame counts x 2 depths: two packs (one per frame count) of two heads, each head a full citizen: its
-    own FINISHED child run with its params and metrics, its checkpoint that `evl eval` loads, its row. A worker
-    killed mid-run restarts its pack with every head from its own checkpoint; --resume trains nothing again."""
+    """4 frames x 2 depths: one pack of two heads (how grids split into packs: tests/test_packing.py), each head
+    a full citizen: its own FINISHED child run with its params and metrics, its checkpoint that `evl eval`
+    loads, its row. A worker killed mid-run restarts the pack with every head from its own checkpoint;
+    --resume trains nothing again."""
     import threading
 
     from tests.test_train_workflow import _kill_a_worker_at_new_checkpoints
     from workflows.cli import main
 
-    path = write_sweep(tmp_path, dataset, mlflow_server, frames=[2, 4], depths=[1, 2])
+    path = write_sweep(tmp_path, dataset, mlflow_server, frames=[4], depths=[1, 2])
     spec = yaml.safe_load(path.read_text())
     spec["overrides"] = ["train.num_steps=6", "train.eval_every=2", "train.checkpoint_every=2",
                          "scaling.max_failures=1"]
@@ -108,7 +110,7 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
     assert killed, "no worker was killed"
 
     assert [(r["num_frames"], r["decoder_num_layers"], r["status"]) for r in result.rows] == [
-        (2, 1, "finished"), (2, 2, "finished"), (4, 1, "finished"), (4, 2, "finished")]
+        (4, 1, "finished"), (4, 2, "finished")]
     assert all(0.0 <= r["val_top1"] <= 1.0 and r["trainable_params"] > 0 for r in result.rows)
     assert result.rows[0]["trainable_params"] < result.rows[1]["trainable_params"]  # deeper decoder, more params
 
@@ -118,28 +120,22 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
     assert {a.path for a in client.list_artifacts(result.parent_run_id)} >= {"summary.csv", "heatmap.png",
                                                                           "summary.txt"}
     runs = children(client, result.parent_run_id)
-    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-    trials = sorted((int(r.data.params["trial.num_frames"]), int(r.data.params["trial.decoder_num_layers"]))
-                    for r in runs)
-    assert trials == [(2, 1), (2, 2), (4, 1), (4, 2)]
-    packs = {}
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(int(r.data.params["trial.decoder_num_layers"]) for r in runs) == [1, 2]
     for r in runs:
-        assert r.data.params["model.num_frames"] == r.data.params["trial.num_frames"]
-        assert r.data.params["data.sampling_rate"] == {"2": "4", "4": "2"}[r.data.params["model.num_frames"]]
+        assert r.data.params["model.num_frames"] == r.data.params["trial.num_frames"] == "4"
+        assert r.data.params["data.sampling_rate"] == "2"  # the frame count's stride
         assert {"val_top1", "loss", "system/cpu_utilization_percentage"} <= set(r.data.metrics)
         assert {"checkpoint", "confusion_matrix.png", "per_class_accuracy.csv"} <= \
             {a.path for a in client.list_artifacts(r.info.run_id)}
-        packs.setdefault(r.data.tags["evl.pack"], set()).add(r.data.params["trial.decoder_num_layers"])
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
         assert steps == sorted(steps) and steps[-1] == 6  # a restart never took a head back
-    assert sorted(packs.values(), key=sorted) == [{"1", "2"}, {"1", "2"}]  # two packs of both depths
-    restarted = [r for r in runs if "system/resumed_from_step" in r.data.metrics]
-    assert len(restarted) == 2 and len({r.data.tags["evl.pack"] for r in restarted}) == 1  # every head of a pack
-    assert {r["pack"] for r in result.rows} == set(packs)
+        assert "system/resumed_from_step" in r.data.metrics  # every head of the pack restarted from its own
+    assert len({r.data.tags["evl.pack"] for r in runs}) == 1 == len({r["pack"] for r in result.rows})
 
     # Each head's own checkpoint, in the project's format, through `evl eval`.
-    row = result.rows[1]  # 2 frames, depth 2
-    decoders = sorted((Path(result.csv_path).parent / "trials" / row["pack"]).glob("checkpoint_*/f2-d2-grid/decoder.pt"))
+    row = result.rows[1]  # depth 2
+    decoders = sorted((Path(result.csv_path).parent / "trials" / row["pack"]).glob("checkpoint_*/f4-d2-grid/decoder.pt"))
     assert len(decoders) == 2  # keep_checkpoints
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(decoders[-1].parent), "--manifest",
@@ -147,19 +143,18 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
     assert capsys.readouterr().out.startswith("6 videos  top-1")
 
     table = result.table_text()
-    assert table.count("finished") == 4 and "top-1" in table and result.best_text().startswith("best:")
-    assert Path(result.csv_path).read_text().count("\n") == 5 and Path(result.heatmap_path).stat().st_size > 0
+    assert table.count("finished") == 2 and "top-1" in table and result.best_text().startswith("best:")
+    assert Path(result.csv_path).read_text().count("\n") == 3 and Path(result.heatmap_path).stat().st_size > 0
 
     resumed = sweep(path, resume="latest")
-    assert len(children(client, result.parent_run_id)) == 4  # nothing was trained again
+    assert len(children(client, result.parent_run_id)) == 2  # nothing was trained again
     assert resumed.parent_run_id == result.parent_run_id
-    assert [r["status"] for r in resumed.rows] == ["finished"] * 4
+    assert [r["status"] for r in resumed.rows] == ["finished"] * 2
 
 
-def test_sweep_against_a_sqlite_store_with_relative_paths_twice(dataset, tmp_path, monkeypatch):
+def test_sweep_against_a_sqlite_store_with_relative_paths(dataset, tmp_path, monkeypatch):
     """As users type it: run from the project folder, manifests and storage relative, the default ./mlflow.db.
-    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started.
-    Then the same command again: a second sweep of its own, leaving the first as it was."""
+    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     relative = Path(os.path.relpath(dataset, tmp_path))
@@ -169,33 +164,25 @@ def test_sweep_against_a_sqlite_store_with_relative_paths_twice(dataset, tmp_pat
     assert result.name.startswith("grid-") and path.exists()
     assert Path(result.csv_path) == tmp_path / "sweeps" / result.name / "summary.csv"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store beside the sweep, no other
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     [run] = children(client, result.parent_run_id)
+    assert run.info.status == "FINISHED"
     assert run.info.run_name.startswith("f4-d1")  # frames and depth first: the UI cuts long names
     assert run.data.params["trial.num_frames"] == "4" and "val_top1" in run.data.metrics
     assert run.data.params["data.train_manifest"] == str((dataset / "manifests" / "train.parquet").resolve())
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")) == [Path("mlflow.db")]
     experiment = client.get_experiment_by_name("sweep-test")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-
-    time.sleep(1)  # sweep folders are named to the second
-    again = sweep(Path("sweep.yaml"))
-    assert again.name != result.name and again.parent_run_id != result.parent_run_id
-    assert [r["status"] for r in again.rows] == ["finished"]
-    for sweep_result in (result, again):  # each parent FINISHED with its own one child; no run left RUNNING
-        assert client.get_run(sweep_result.parent_run_id).info.status == "FINISHED"
-        [child] = children(client, sweep_result.parent_run_id)
-        assert child.info.status == "FINISHED"
-        stored = (tmp_path / "sweeps" / sweep_result.name / "mlflow_parent_run_id").read_text()
-        assert stored == sweep_result.parent_run_id
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 4 and not [r for r in runs if r.info.status == "RUNNING"]
+    assert (tmp_path / "sweeps" / result.name / "mlflow_parent_run_id").read_text() == result.parent_run_id
     with pytest.raises(ConfigError, match="no sweep 'nope' to resume"):
         sweep(Path("sweep.yaml"), resume="nope")
 
 
-def test_failing_trials_end_their_runs_and_the_sweep_failed(dataset, tmp_path):
+def test_failing_trials_end_their_runs_and_the_sweep_failed_twice(dataset, tmp_path):
     """Every video of the train manifest is broken: each trial fails; MLflow keeps no run RUNNING. The sweep
-    searches at random: one trial drawn from the four points of the space."""
+    searches at random: one trial drawn from the four points of the space. Then the same command again, in the
+    same storage: a second sweep of its own (not Tune restoring the first one's trials), leaving the first as
+    it was."""
     from evl.video.kinetics import read_manifest, write_manifest
     from tests.data_helpers import write_bad_videos
 
@@ -211,31 +198,45 @@ def test_failing_trials_end_their_runs_and_the_sweep_failed(dataset, tmp_path):
     spec.update(overrides=[f"data.train_manifest={broken / 'train.parquet'}"], num_frames=[2, 4],
                 decoder_num_layers=[1, 2], search="random", num_samples=1)
     path.write_text(yaml.safe_dump(spec))
-    result = sweep(path)
-    [row] = result.rows
-    assert (row["num_frames"], row["decoder_num_layers"]) in {(2, 1), (2, 2), (4, 1), (4, 2)}
-    assert row["status"] == "failed" and result.best() is None
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert client.get_run(result.parent_run_id).info.status == "FAILED"
-    assert [r.info.status for r in children(client, result.parent_run_id)] == ["FAILED"]
+    results = []
+    for _ in range(2):
+        result = sweep(path)
+        [row] = result.rows
+        assert (row["num_frames"], row["decoder_num_layers"]) in {(2, 1), (2, 2), (4, 1), (4, 2)}
+        assert row["status"] == "failed" and result.best() is None
+        assert client.get_run(result.parent_run_id).info.status == "FAILED"
+        assert [r.info.status for r in children(client, result.parent_run_id)] == ["FAILED"]
+        results.append(result)
+        time.sleep(1)  # sweep folders are named to the second
+    first, again = results
+    assert again.name != first.name and again.parent_run_id != first.parent_run_id
+    for result in results:
+        assert (Path(result.csv_path).parent / "mlflow_parent_run_id").read_text() == result.parent_run_id
+    runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
+    assert len(runs) == 4 and not [r for r in runs if r.info.status == "RUNNING"]
 
 
 def test_asha_stops_the_weak_trial(dataset, tmp_path):
-    """Two trials one after the other, a learning one (lr 1e-2) then one that cannot learn (lr 1e-9): at the
-    first rung (step 2) the second is below the first, so ASHA stops it; its MLflow run ends KILLED. (CPU runs
-    are reproducible, so the outcome is too.)"""
+    """Two trials one after the other with the same seed (so the same initial decoder), a learning one (lr 1e-2)
+    then one that cannot learn (lr 1e-9), validated on the training videos, where learning shows within a few
+    steps: at the first rung (step 3) the second is still at the initial accuracy, below the first, so ASHA
+    stops it and its MLflow run ends KILLED; the first runs to the end and ends FINISHED."""
     path = write_sweep(tmp_path, dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", frames=[4], depths=[1])
     spec = yaml.safe_load(path.read_text())
     spec.update(lr=[1e-2, 1e-9], asha=True, asha_grace_period=1,
-                overrides=["train.num_steps=8", "train.eval_every=2", "train.checkpoint_every=2"])
+                overrides=["train.num_steps=6", "train.eval_every=3", "train.checkpoint_every=3",
+                           f"data.val_manifest={dataset / 'manifests' / 'train.parquet'}"])
     path.write_text(yaml.safe_dump(spec))
     result = sweep(path)
-    assert [(r["lr"], r["status"]) for r in result.rows] == [(1e-9, "stopped"), (1e-2, "finished")], result.rows
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    status = {float(r.data.params["train.lr"]): r.info.status for r in children(client, result.parent_run_id)}
-    assert status == {1e-2: "FINISHED", 1e-9: "KILLED"}
-    stopped = next(r for r in children(client, result.parent_run_id) if r.info.status == "KILLED")
-    assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "loss")) < 8
+    runs = {float(r.data.params["train.lr"]): r for r in children(client, result.parent_run_id)}
+    accuracy = {lr: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_top1")]
+                for lr, r in runs.items()}
+    assert accuracy[1e-2][0][1] > accuracy[1e-9][0][1], accuracy  # the rung's comparison, as ASHA saw it
+    assert [(r["lr"], r["status"]) for r in result.rows] == [(1e-9, "stopped"), (1e-2, "finished")], result.rows
+    assert {lr: r.info.status for lr, r in runs.items()} == {1e-2: "FINISHED", 1e-9: "KILLED"}
+    assert [step for step, _ in accuracy[1e-9]] == [3] and [step for step, _ in accuracy[1e-2]] == [3, 6]
 
 
 def test_bad_sweep_configs_fail_before_anything_starts(dataset, tmp_path):

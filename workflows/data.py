@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -29,16 +30,18 @@ from evl.video.kinetics import read_manifest
 STATS_NAME = "evl_decode_stats"
 STATS_NAMESPACE = "evl"
 MAX_LISTED_FAILURES = 1000
+DECODERS_WINDOW_S = 30.0  # a decode actor counts as in use if it delivered a batch this recently
 _INPUT_COLUMNS = ["path", "label", "num_frames", "width", "height"]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Failure counting
+# Failure counting and the decode fleet
 
 
 @ray.remote(num_cpus=0)
 class DecodeStats:
-    """Counts of videos that could not be decoded, per dataset, and which files (bounded)."""
+    """Counts of videos that could not be decoded, per dataset, and which files (bounded); and which train
+    decode actors delivered clips lately, and on which nodes (the elastic pool's size as it really is)."""
 
     def __init__(self, max_files: int = MAX_LISTED_FAILURES):
         self.max_files = max_files
@@ -49,6 +52,18 @@ class DecodeStats:
         self.by_dataset: dict[str, int] = {}
         self.files: dict[str, str] = {}
         self.unlisted = 0
+        self.last_seen: dict[str, tuple[str, float]] = {}  # decode actor id -> (node id, time of its last batch)
+
+    def seen(self, actor_id: str, node_id: str) -> None:
+        self.last_seen[actor_id] = (node_id, time.monotonic())
+
+    def decoders(self, window_s: float = DECODERS_WINDOW_S) -> dict[str, int]:
+        """{node id: decode actors there that delivered a batch in the last `window_s` seconds}."""
+        now, out = time.monotonic(), {}
+        for node, when in self.last_seen.values():
+            if now - when <= window_s:
+                out[node] = out.get(node, 0) + 1
+        return out
 
     def record(self, dataset: str, failures: list[tuple[str, str]]) -> None:
         self.total += len(failures)
@@ -92,6 +107,12 @@ def decode_failures() -> dict:
     if actor is None:
         return {"total": 0, "by_dataset": {}, "files": {}, "unlisted": 0}
     return ray.get(actor.summary.remote())
+
+
+def decoders_in_use() -> dict[str, int]:
+    """{node id: train decode actors on it that delivered a batch in the last 30 s}; empty without Ray."""
+    actor = _stats_actor(create=False) if ray.is_initialized() else None
+    return ray.get(actor.decoders.remote()) if actor is not None else {}
 
 
 def reset_decode_failures() -> None:
@@ -152,6 +173,8 @@ class TrainDecoder(_Decoder):
 
         self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
         self.transform = TrainTransform(image_size, rand_augment, scale)
+        context = ray.get_runtime_context()
+        self.actor_id = context.get_actor_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Yields nothing when every video of the batch failed (an empty tensor column cannot go to Arrow)."""
@@ -167,6 +190,8 @@ class TrainDecoder(_Decoder):
             except Exception as e:  # noqa: BLE001 - one bad video must not stop training
                 failures.append(_failure(row, e))
         self._report(failures)
+        # Ask for the node each time: Ray restarts an actor whose node was lost on another node, same id.
+        self.stats.seen.remote(self.actor_id, ray.get_runtime_context().get_node_id())
         if clips:
             yield {"clip": np.stack(clips), "label": np.asarray(labels, dtype=np.int64)}
 
@@ -288,7 +313,8 @@ def _subset(table: pa.Table, limit: int | None, seed: int) -> pa.Table:
 
 
 def decode_pool_size(cfg: Config) -> int:
-    """Decode actors: data.decode_workers, else the CPUs the trainers leave free (at least 1).
+    """Decode actors to start with: data.decode_workers, else the CPUs the trainers leave free now (at least 1,
+    at most data.max_decode_workers).
 
     With data.decode_resources set (decode pinned to some nodes), the CPUs of those nodes count.
     """
@@ -298,8 +324,24 @@ def decode_pool_size(cfg: Config) -> int:
     if wanted:
         cpus = sum(node["Resources"].get("CPU", 0) for node in ray.nodes()
                    if node.get("Alive") and all(k in node["Resources"] for k in wanted))
-        return max(1, int(cpus))
-    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) - trainer_cpus(cfg)))
+        free = max(1, int(cpus))
+    else:
+        free = max(1, math.floor(ray.cluster_resources().get("CPU", 1) - trainer_cpus(cfg)))
+    return min(free, cfg.data.max_decode_workers or free)
+
+
+def decode_pool(cfg: Config) -> ray.data.ActorPoolStrategy:
+    """The train decode actors: a fixed pool of data.decode_workers, else an elastic one.
+
+    The elastic pool starts at decode_pool_size, keeps at least one actor, and grows (up to
+    data.max_decode_workers, if set) while its actors are all busy -- that is, while the trainers take clips as
+    fast as they come -- onto any CPUs free then, nodes that joined the cluster included; Ray Data's
+    backpressure keeps it from decoding ahead of the trainers, and idle actors are let go. An actor whose node
+    is lost (a spot reclaim) is restarted by Ray elsewhere and its batch retried."""
+    if cfg.data.decode_workers:
+        return ray.data.ActorPoolStrategy(size=cfg.data.decode_workers, max_tasks_in_flight_per_actor=2)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.data.max_decode_workers,
+                                      initial_size=decode_pool_size(cfg), max_tasks_in_flight_per_actor=2)
 
 
 def trainer_cpus(cfg: Config) -> float:
@@ -348,7 +390,7 @@ def train_dataset(cfg: Config, image_size: int) -> ray.data.Dataset:
             "scale": (cfg.data.min_scale, cfg.data.max_scale), "short_side": cfg.data.decode_short_side},
         batch_size=batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=pool, max_tasks_in_flight_per_actor=2),
+        compute=decode_pool(cfg),
         num_cpus=1,
         resources=dict(cfg.data.decode_resources) or None,
     )

@@ -241,8 +241,11 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
             space = {"pack": tune.grid_search(packs)}
             scheduler = None
             if scfg.asha:
+                # stop_last_trials=False: a trial that reaches max_t ends as any run does (its MLflow run
+                # FINISHED, its workers' placement group released) instead of being killed at its last report.
                 scheduler = tune.schedulers.ASHAScheduler(time_attr="step", grace_period=max(
-                    1, scfg.asha_grace_period * base.train.eval_every), max_t=base.train.num_steps)
+                    1, scfg.asha_grace_period * base.train.eval_every), max_t=base.train.num_steps,
+                    stop_last_trials=False)
             tuner = tune.Tuner(
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(

@@ -79,7 +79,7 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 # How the data pipeline and the loop are doing goes to the run's "System metrics" tab (MLflow files every
 # `system/` metric there), beside CPU, GPU and memory: the "Model metrics" tab keeps loss, lr and accuracy.
 PIPELINE_METRICS = ("clips_per_s", "data_wait_s", "data_wait_frac", "eta_s", "data_pass", "decode_failures",
-                    "resumed_from_step")
+                    "decode_actors", "decode_nodes", "resumed_from_step")
 
 
 def mlflow_name(metric: str) -> str:

@@ -324,7 +324,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from evl.checkpoint import save_checkpoint
     from evl.training import Trainer, fit
     from workflows import tracking
-    from workflows.data import decode_failures
+    from workflows.data import decode_failures, decoders_in_use
 
     cfgs = [from_dict(Config, c) for c in loop_cfg["configs"]]
     heads, run_ids = loop_cfg["heads"], loop_cfg["run_ids"]
@@ -377,7 +377,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 log.info(f"{head} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def extra_metrics() -> dict[str, float]:
-        return {"decode_failures": float(decode_failures()["total"])} if rank == 0 else {}
+        if rank != 0:
+            return {}
+        fleet = decoders_in_use()  # {node: decode actors that delivered lately}
+        return {"decode_failures": float(decode_failures()["total"]), "decode_actors": float(sum(fleet.values())),
+                "decode_nodes": float(len(fleet))}
 
     def on_checkpoint(step: int, per_head: list[dict[str, float]]) -> None:
         final = step >= cfg.train.num_steps
