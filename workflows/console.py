@@ -164,6 +164,8 @@ class _Poller:
         raise NotImplementedError
 
     def finish(self) -> None:
+        with contextlib.suppress(Exception):  # what happened since the last poll (the last trials, the last step)
+            self.poll()
         if self.interactive:
             say("\r\033[K", end="")
 
@@ -205,11 +207,6 @@ class RunProgress(_Poller):
             self.show(f"{self.indent}step {point.step}: validation top-1 {point.value:.3f}"
                       + (f"  top-5 {top5[point.step]:.3f}" if point.step in top5 else ""), keep=True)
         self.evals_seen = len(evals)
-
-    def finish(self) -> None:
-        with contextlib.suppress(Exception):
-            self.poll()
-        super().finish()
 
 
 class SweepProgress(_Poller):
