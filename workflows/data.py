@@ -173,8 +173,7 @@ class TrainDecoder(_Decoder):
 
         self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
         self.transform = TrainTransform(image_size, rand_augment, scale)
-        context = ray.get_runtime_context()
-        self.actor_id = context.get_actor_id()
+        self.actor_id = ray.get_runtime_context().get_actor_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Yields nothing when every video of the batch failed (an empty tensor column cannot go to Arrow)."""
