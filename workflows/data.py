@@ -86,9 +86,12 @@ def _stats_actor(create: bool = True):
     """The one DecodeStats actor of this Ray cluster, in a fixed namespace (whatever the job's namespace).
 
     Created by the driver when it builds a dataset, and kept alive by a handle held here for as long as
-    that process lives; decode actors and trainers look it up by name.
+    that process lives; decode actors and trainers look it up by name. With create=False: None if there is
+    none (or no Ray).
     """
     global _owned_stats
+    if not create and not ray.is_initialized():
+        return None
     try:
         return ray.get_actor(STATS_NAME, namespace=STATS_NAMESPACE)
     except ValueError:
@@ -103,7 +106,7 @@ def decode_failures() -> dict:
 
     Callable from the driver or any Ray worker (e.g. the trainer's rank 0, for a metric).
     """
-    actor = _stats_actor(create=False) if ray.is_initialized() else None
+    actor = _stats_actor(create=False)
     if actor is None:
         return {"total": 0, "by_dataset": {}, "files": {}, "unlisted": 0}
     return ray.get(actor.summary.remote())
@@ -111,12 +114,12 @@ def decode_failures() -> dict:
 
 def decoders_in_use() -> dict[str, int]:
     """{node id: train decode actors on it that delivered a batch in the last 30 s}; empty without Ray."""
-    actor = _stats_actor(create=False) if ray.is_initialized() else None
+    actor = _stats_actor(create=False)
     return ray.get(actor.decoders.remote()) if actor is not None else {}
 
 
 def reset_decode_failures() -> None:
-    actor = _stats_actor(create=False) if ray.is_initialized() else None
+    actor = _stats_actor(create=False)
     if actor is not None:
         ray.get(actor.reset.remote())
 
