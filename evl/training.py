@@ -14,6 +14,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -113,6 +114,18 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def use_this_environments_ninja() -> None:
+    """Put this Python environment's bin first on PATH when it holds `ninja` (pip installs one with deepspeed).
+
+    DeepSpeed JIT-builds ops (on a CPU, its shared-memory op) with whichever ninja PATH finds, into one cache
+    (~/.cache/torch_extensions). A system ninja of another version writes build logs the other cannot read, so
+    processes started with different PATHs (a shell without the venv, a Ray job, a worker) would each rebuild
+    the op from scratch in turn: about 40 s of a busy machine every time."""
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
 
 @dataclass
 class RngState:
@@ -201,6 +214,7 @@ class Trainer:
             outer.restore(self.device)
 
     def _build_head(self, index: int, tag: str, cfg: Config, deepspeed_overrides: dict[str, Any] | None) -> Head:
+        use_this_environments_ninja()
         import deepspeed  # heavy import, only where an engine is built
 
         torch.manual_seed(cfg.train.seed + self.rank)

@@ -28,6 +28,9 @@ def shared_ray():
     from tests.data_helpers import ray_session
 
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # workers inherit it: samples in short runs
+    # One local node, which nothing drains: Ray Train's preemption watcher (one more actor process per fit, seconds
+    # on 2 cores) has nothing to watch. The clusters of tests/test_multinode.py keep Ray's defaults.
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     with ray_session(num_cpus=4) as ray:
         yield ray
 

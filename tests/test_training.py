@@ -2,12 +2,16 @@
 
 import json
 import math
+import os
+import shutil
+import sys
 
 import pytest
 import torch
 
 from evl.config import Config, ConfigError, ModelConfig, TrainConfig
-from evl.training import Trainer, cosine_schedule, deepspeed_config, fit, gradient_accumulation_steps
+from evl.training import (Trainer, cosine_schedule, deepspeed_config, fit, gradient_accumulation_steps,
+                          use_this_environments_ninja)
 
 
 def test_global_batch_is_kept_by_accumulation():
@@ -99,3 +103,18 @@ def test_empty_data_fails_clearly(config):
     trainer = Trainer(config)
     with pytest.raises(RuntimeError, match="yielded no batches"):
         fit(trainer, lambda epoch: iter(()))
+
+
+def test_deepspeed_builds_with_this_environments_ninja(monkeypatch):
+    """A process started without the environment's bin on PATH (a plain shell, `make test`) finds the ninja pip
+    installed with deepspeed first once a Trainer is built, as a Ray job started from an activated venv does:
+    both then keep one JIT-build cache instead of rebuilding DeepSpeed's op (about 40 s) in turn."""
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        pytest.skip("no ninja in this environment's bin")
+    others = [p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir]
+    monkeypatch.setenv("PATH", os.pathsep.join(others))
+    use_this_environments_ninja()
+    assert shutil.which("ninja") == os.path.join(bin_dir, "ninja")
+    use_this_environments_ninja()  # idempotent: the first entry is left alone
+    assert os.environ["PATH"].split(os.pathsep).count(bin_dir) == 1

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from evl.config import ConfigError
     from workflows import console
 
+    ray_was_up = _ray_is_up()  # a caller's Ray (tests, a notebook) is left as it is
     with console.session(args.command, args.verbose) as log:
         try:
             return importlib.import_module(COMMANDS[args.command][0]).run(args)
@@ -52,3 +53,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()  # into the log
             console.warn(f"evl {args.command} failed: {type(e).__name__}: {e}\n  the whole story: {log}")
             return 1
+        finally:
+            if not ray_was_up and _ray_is_up():
+                # Inside the session: what Ray's background threads still print (a decode task retried after
+                # its actor was let go, ...) goes to the log, not after the command's summary.
+                sys.modules["ray"].shutdown()
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: `evl predict` runs without Ray
+    return ray is not None and ray.is_initialized()

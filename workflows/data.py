@@ -22,6 +22,7 @@ import pyarrow as pa
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from evl.config import Config
 from evl.video.decode import VideoError
@@ -85,9 +86,9 @@ _owned_stats = None  # the creating process keeps a handle: Ray destroys an acto
 def _stats_actor(create: bool = True):
     """The one DecodeStats actor of this Ray cluster, in a fixed namespace (whatever the job's namespace).
 
-    Created by the driver when it builds a dataset, and kept alive by a handle held here for as long as
-    that process lives; decode actors and trainers look it up by name. With create=False: None if there is
-    none (or no Ray).
+    Created by the driver when it builds a dataset, on the driver's node (a decode node may be a spot instance
+    that goes away mid-run), and kept alive by a handle held here for as long as that process lives; decode
+    actors and trainers look it up by name. With create=False: None if there is none (or no Ray).
     """
     global _owned_stats
     if not create and not ray.is_initialized():
@@ -97,7 +98,9 @@ def _stats_actor(create: bool = True):
     except ValueError:
         if not create:
             return None
-    _owned_stats = DecodeStats.options(name=STATS_NAME, namespace=STATS_NAMESPACE, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    _owned_stats = DecodeStats.options(name=STATS_NAME, namespace=STATS_NAMESPACE, get_if_exists=True,
+                                       scheduling_strategy=here).remote()
     return _owned_stats
 
 
