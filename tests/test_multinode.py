@@ -104,7 +104,7 @@ class LocalCluster:
         `ray start` gives its raylet 30 s to register with the GCS; on a busy 2-core machine that can pass,
         and the start fails: it is then started again, as an autoscaler relaunches a node that failed to boot."""
         known = {n["node_id"] for n in self.state("nodes")}
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts):
             self.add_node(name, num_cpus, **resources)
             proc, deadline = self.by_name[name], time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < deadline:
@@ -113,8 +113,10 @@ class LocalCluster:
                     return new[0]
                 time.sleep(2)
             self.procs.remove(proc)
-            if proc.poll() is None:
+            try:  # the start failed or hung: end whatever of that node runs (its process group) before retrying
                 os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait(timeout=30)
             known = {n["node_id"] for n in self.state("nodes")}
         raise AssertionError(f"node {name} did not join in {attempts} attempts\n{self.tail()}")
