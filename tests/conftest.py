@@ -12,6 +12,16 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# Modules that start Ray clusters of their own in other processes (`ray start`, `evl demo`): they run first, while
+# the machine holds no other Ray (the shared one starts with the first test that needs it), so their timing-bound
+# waits (nodes joining and dying mid-run) do not compete with an idle instance's processes on 2 cores.
+OWN_RAY_FIRST = ("test_multinode.py", "test_cluster_spot_drain.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.path.name not in OWN_RAY_FIRST)  # stable: file order otherwise kept
+
+
 @pytest.fixture
 def tiny_model_config():
     from evl.config import ModelConfig

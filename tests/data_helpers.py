@@ -142,13 +142,15 @@ def ray_session(num_cpus: int = 2):
 def _init_with_retry(ray, num_cpus: int, attempts: int = 2) -> None:
     """ray.init, once more if the node fails to start: on a saturated machine the raylet can give up
     waiting for its agents ("Timed out waiting for file .../metrics_agent_port_...")."""
+    from workflows.runtime import LOCAL_SYSTEM_CONFIG  # as `evl` starts a local instance
+
     for attempt in range(attempts):
         try:
             # The dashboard serves the state API that Ray Train's PlacementGroupCleaner polls: without it the
             # workers' placement group of a trial Tune stops (ASHA, or max_t reached) is never removed, and
             # the next trial waits for CPUs forever. Users' `ray.init` starts it too.
             ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}})
+                     runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}}, _system_config=LOCAL_SYSTEM_CONFIG)
             return
         except Exception:  # noqa: BLE001 - Ray raises plain Exception for a node that did not start
             ray.shutdown()

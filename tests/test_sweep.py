@@ -90,7 +90,8 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
     --resume trains nothing again."""
     import threading
 
-    from tests.test_train_workflow import _kill_a_worker_at_new_checkpoints
+    from tests.test_train_workflow import (_kill_a_worker_at_new_checkpoints,
+                                           assert_each_restart_continues_from_its_checkpoint)
     from workflows.cli import main
 
     path = write_sweep(tmp_path, dataset, mlflow_server, frames=[4], depths=[1, 2])
@@ -128,9 +129,9 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
         assert {"val_top1", "loss", "system/cpu_utilization_percentage"} <= set(r.data.metrics)
         assert {"checkpoint", "confusion_matrix.png", "per_class_accuracy.csv"} <= \
             {a.path for a in client.list_artifacts(r.info.run_id)}
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
-        assert steps == sorted(steps) and steps[-1] == 6  # a restart never took a head back
-        assert "system/resumed_from_step" in r.data.metrics  # every head of the pack restarted from its own
+        # every head of the pack restarted from its own checkpoint, the one registered when the worker died
+        assert_each_restart_continues_from_its_checkpoint(client, r.info.run_id, [step for _, step in killed],
+                                                          log_every=2, checkpoint_every=2, last=6)
     assert len({r.data.tags["evl.pack"] for r in runs}) == 1 == len({r["pack"] for r in result.rows})
 
     # Each head's own checkpoint, in the project's format, through `evl eval`.
@@ -150,32 +151,6 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
     assert len(children(client, result.parent_run_id)) == 2  # nothing was trained again
     assert resumed.parent_run_id == result.parent_run_id
     assert [r["status"] for r in resumed.rows] == ["finished"] * 2
-
-
-def test_sweep_against_a_sqlite_store_with_relative_paths(dataset, tmp_path, monkeypatch):
-    """As users type it: run from the project folder, manifests and storage relative, the default ./mlflow.db.
-    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    relative = Path(os.path.relpath(dataset, tmp_path))
-    path = write_sweep(tmp_path, relative, None, frames=[4], depths=[1], storage="sweeps")
-    result = sweep(Path("sweep.yaml"))
-    assert [r["status"] for r in result.rows] == ["finished"]
-    assert result.name.startswith("grid-") and path.exists()
-    assert Path(result.csv_path) == tmp_path / "sweeps" / result.name / "summary.csv"
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store beside the sweep, no other
-    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
-    [run] = children(client, result.parent_run_id)
-    assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith("f4-d1")  # frames and depth first: the UI cuts long names
-    assert run.data.params["trial.num_frames"] == "4" and "val_top1" in run.data.metrics
-    assert run.data.params["data.train_manifest"] == str((dataset / "manifests" / "train.parquet").resolve())
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")) == [Path("mlflow.db")]
-    experiment = client.get_experiment_by_name("sweep-test")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert (tmp_path / "sweeps" / result.name / "mlflow_parent_run_id").read_text() == result.parent_run_id
-    with pytest.raises(ConfigError, match="no sweep 'nope' to resume"):
-        sweep(Path("sweep.yaml"), resume="nope")
 
 
 def test_failing_trials_end_their_runs_and_the_sweep_failed_twice(dataset, tmp_path):
@@ -217,19 +192,25 @@ def test_failing_trials_end_their_runs_and_the_sweep_failed_twice(dataset, tmp_p
     assert len(runs) == 4 and not [r for r in runs if r.info.status == "RUNNING"]
 
 
-def test_asha_stops_the_weak_trial(dataset, tmp_path):
+def test_asha_stops_the_weak_trial_of_a_sweep_typed_with_relative_paths(dataset, tmp_path, monkeypatch):
     """Two trials one after the other with the same seed (so the same initial decoder), a learning one (lr 1e-2)
     then one that cannot learn (lr 1e-9), validated on the training videos, where learning shows within a few
     steps: at the first rung (step 3) the second is still at the initial accuracy, below the first, so ASHA
-    stops it and its MLflow run ends KILLED; the first runs to the end and ends FINISHED."""
-    path = write_sweep(tmp_path, dataset, f"sqlite:///{tmp_path / 'mlflow.db'}", frames=[4], depths=[1])
+    stops it and its MLflow run ends KILLED; the first runs to the end and ends FINISHED.
+
+    Typed as users type it: run from the project folder, manifests and storage relative, the default ./mlflow.db.
+    Tune runs each trial in its own folder, so every relative path must be anchored where the sweep started."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    relative = Path(os.path.relpath(dataset, tmp_path))
+    path = write_sweep(tmp_path, relative, None, frames=[4], depths=[1], storage="sweeps")
     spec = yaml.safe_load(path.read_text())
     spec.update(lr=[1e-2, 1e-9], asha=True, asha_grace_period=1,
                 overrides=["train.num_steps=6", "train.eval_every=3", "train.checkpoint_every=3",
-                           f"data.val_manifest={dataset / 'manifests' / 'train.parquet'}"])
+                           f"data.val_manifest={relative / 'manifests' / 'train.parquet'}"])
     path.write_text(yaml.safe_dump(spec))
-    result = sweep(path)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    result = sweep(Path("sweep.yaml"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store beside the sweep, no other
     runs = {float(r.data.params["train.lr"]): r for r in children(client, result.parent_run_id)}
     accuracy = {lr: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "val_top1")]
                 for lr, r in runs.items()}
@@ -237,6 +218,21 @@ def test_asha_stops_the_weak_trial(dataset, tmp_path):
     assert [(r["lr"], r["status"]) for r in result.rows] == [(1e-9, "stopped"), (1e-2, "finished")], result.rows
     assert {lr: r.info.status for lr, r in runs.items()} == {1e-2: "FINISHED", 1e-9: "KILLED"}
     assert [step for step, _ in accuracy[1e-9]] == [3] and [step for step, _ in accuracy[1e-2]] == [3, 6]
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+
+    # Every path anchored where the sweep started: one store, the sweep's folder under ./sweeps.
+    assert result.name.startswith("grid-") and path.exists()
+    assert Path(result.csv_path) == tmp_path / "sweeps" / result.name / "summary.csv"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("mlflow.db")) == [Path("mlflow.db")]
+    assert (tmp_path / "sweeps" / result.name / "mlflow_parent_run_id").read_text() == result.parent_run_id
+    for run in runs.values():
+        assert run.info.run_name.startswith("f4-d1")  # frames and depth first: the UI cuts long names
+        assert run.data.params["trial.num_frames"] == "4" and "val_top1" in run.data.metrics
+        assert run.data.params["data.train_manifest"] == str((dataset / "manifests" / "train.parquet").resolve())
+    experiment = client.get_experiment_by_name("sweep-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    with pytest.raises(ConfigError, match="no sweep 'nope' to resume"):
+        sweep(Path("sweep.yaml"), resume="nope")
 
 
 def test_bad_sweep_configs_fail_before_anything_starts(dataset, tmp_path):

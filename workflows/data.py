@@ -420,8 +420,9 @@ def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.D
     video: the row index in the manifest (average scores per video); view: temporal * spatial index.
     Decoding runs as Ray tasks, not actors: an evaluation every few thousand steps would otherwise start a
     pool of actor processes each time (seconds, more than a small validation set takes to decode), where
-    tasks reuse Ray's idle workers. They ask for no CPU: evaluation runs while the training loop waits, on
-    the CPUs the (then idle) train decode actors hold, so the two never wait on each other.
+    tasks reuse Ray's idle workers (kept between evaluations by a local instance: workflows.runtime). They ask
+    for no CPU: evaluation runs while the training loop waits, on the CPUs the (then idle) train decode actors
+    hold, so the two never wait on each other.
     """
     _stats_actor()
     table = read_manifest(manifest_path).select(_INPUT_COLUMNS)

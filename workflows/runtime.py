@@ -8,6 +8,12 @@ import os
 
 log = logging.getLogger("evl.runtime")
 
+# Ray settings of a local instance started here. Ray ends an idle worker process after 1 s whenever its node
+# runs more workers than it has CPUs, which a training run always does (trainers, decode actors, Ray's own
+# actors): every evaluation's decode tasks then started fresh processes that imported torch again, seconds per
+# evaluation for a few videos. Idle workers are kept for 10 minutes instead.
+LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 10 * 60 * 1000}
+
 
 def ensure_ray(address: str | None = None, min_cpus: float = 0, **init_kwargs) -> None:
     """Connect to Ray unless already connected.
@@ -32,7 +38,8 @@ def ensure_ray(address: str | None = None, min_cpus: float = 0, **init_kwargs) -
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and min_cpus and "num_cpus" not in init_kwargs:
         try:
-            ray.init(num_cpus=max(math.ceil(min_cpus), os.cpu_count() or 1), **init_kwargs)
+            ray.init(num_cpus=max(math.ceil(min_cpus), os.cpu_count() or 1), _system_config=LOCAL_SYSTEM_CONFIG,
+                     **init_kwargs)
             return
         except ValueError as e:  # a local cluster started with `ray start` is running: join it instead
             if "existing cluster" not in str(e):

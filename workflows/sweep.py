@@ -271,7 +271,11 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
         tracking.end_open_children(uri, parent_run_id, status)
         tracking.end_run(uri, parent_run_id, status)
         raise
-    # Trials ASHA stopped, or that died without ending their run, are still RUNNING in MLflow.
+    # A trial ASHA stopped ends KILLED, whichever way the stop reached it: killed before its run ended (still
+    # RUNNING), or its own code ending the run FAILED on the way out. Trials lost without a word stay RUNNING too.
+    for row in rows:
+        if row["status"] == "stopped" and row["mlflow_run"]:
+            tracking.end_run(uri, row["mlflow_run"], "KILLED")
     tracking.end_open_children(uri, parent_run_id, "KILLED")
     any_ok = any(r["status"] == "finished" for r in rows)
     tracking.end_run(uri, parent_run_id, "FINISHED" if any_ok else "FAILED")

@@ -17,8 +17,11 @@ import argparse
 import contextlib
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -331,6 +334,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     uri, names = loop_cfg["tracking_uri"], loop_cfg["class_names"]
     cfg, packed = cfgs[0], len(cfgs) > 1
     rank = ray.train.get_context().get_world_rank()
+    micro = cfg.train.micro_batch_size
+    train_shard = ray.train.get_dataset_shard("train")
+
+    def pass_of_batches():
+        return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
+
+    first_pass = [_started(pass_of_batches())]  # decode actors start and decode while the model is built
     trainer = Trainer(cfgs, ray.train.torch.get_device(), loop_cfg["deepspeed_overrides"])
     restored = ray.train.get_checkpoint()
     if restored:
@@ -346,15 +356,13 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
             monitors[-1].start()
             if restored:  # a restarted worker group (or --resume): the step it continues from, on the charts
                 tracking.log_metrics(client, run_id, trainer.step, {"resumed_from_step": float(trainer.step)})
-    micro = cfg.train.micro_batch_size
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_manifest else None
     last_eval: dict[str, Any] = {}
     test_views = {"sampling_rate": cfg.data.sampling_rate, "num_temporal_views": cfg.data.num_temporal_views,
                   "num_spatial_views": cfg.data.num_spatial_views}  # so `evl predict` views clips as eval did
 
-    def train_batches(epoch: int):
-        return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
+    def train_batches(data_pass: int):
+        return first_pass.pop() if first_pass else pass_of_batches()
 
     def evaluate() -> list[dict[str, float]]:
         batches = val_shard.iter_torch_batches(batch_size=micro) if rank == 0 else []
@@ -410,6 +418,34 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         on_log=on_log, on_checkpoint=on_checkpoint, extra_metrics=extra_metrics)
     for monitor in monitors:
         monitor.finish()  # the driver sets the runs' final status
+
+
+def _started(batches: Iterable[Any]) -> Iterator[Any]:
+    """`batches`, its first item fetched by a thread from now on: a worker starts its data pipeline (Ray Data
+    starts the decode actors and they decode the first clips) while it builds the model, not after."""
+    items = iter(batches)
+    first: queue.Queue = queue.Queue(maxsize=1)
+
+    def fetch() -> None:
+        try:
+            first.put((next(items, _DONE), None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            first.put((_DONE, e))
+
+    threading.Thread(target=fetch, name="evl-first-batch", daemon=True).start()
+
+    def chained() -> Iterator[Any]:
+        item, error = first.get()
+        if error is not None:
+            raise error
+        if item is not _DONE:
+            yield item
+            yield from items
+
+    return chained()
+
+
+_DONE = object()
 
 
 def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str]) -> None:
