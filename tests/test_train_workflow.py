@@ -138,7 +138,8 @@ def _registered_step(checkpoint: Path) -> int | None:
     except (OSError, ValueError):  # not there yet, or being rewritten
         return None
     latest = snapshot.get("latest_checkpoint_result") or {}
-    names = {latest.get("checkpoint_dir_name"), *(r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", []))}
+    names = {latest.get("checkpoint_dir_name"),
+             *(result["checkpoint_dir_name"] for result in snapshot.get("checkpoint_results", []))}
     return int(latest["metrics"]["step"]) if checkpoint.name in names else None
 
 
@@ -149,9 +150,10 @@ def assert_each_restart_continues_from_its_checkpoint(client: MlflowClient, run_
     killed (`killed_at`, one per restart), never from 0, and trains on from there without a gap, so no step up to
     that checkpoint is trained twice. (The steps an attempt trained after its last registered checkpoint are
     trained again by the next one: that is what a restart from a checkpoint means.)"""
-    in_time = lambda history: sorted(history, key=lambda m: (m.timestamp, m.step))  # noqa: E731
-    resumes = in_time(client.get_metric_history(run_id, "system/resumed_from_step"))
-    losses = in_time(client.get_metric_history(run_id, "loss"))
+    def in_time(key: str) -> list:
+        return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
+
+    resumes, losses = in_time("system/resumed_from_step"), in_time("loss")
     assert len(resumes) == len(killed_at), (resumes, killed_at)
     begins = [0, *(int(r.step) for r in resumes)]
     edges = [0, *(r.timestamp for r in resumes), float("inf")]  # an attempt logs its resume before it trains
