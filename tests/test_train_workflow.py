@@ -213,6 +213,20 @@ def test_killed_workers_restart_then_the_stopped_run_resumes(dataset, tmp_path):
                                                       log_every=3, checkpoint_every=3, last=12)
 
 
+def test_a_started_pass_yields_every_batch_in_order_and_raises_what_its_fetch_raised():
+    from workflows.train import _started
+
+    assert list(_started(iter(range(5)))) == [0, 1, 2, 3, 4]
+    assert list(_started(iter(()))) == []  # an empty pass stays empty: fit() reports "no batches"
+
+    def broken():
+        raise OSError("manifest gone")
+        yield  # a generator
+
+    with pytest.raises(OSError, match="manifest gone"):
+        next(_started(broken()))
+
+
 def test_bad_config_fails_before_ray_starts(tmp_path, capsys):
     code = main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--set", "model.num_frame=8"])
     assert code == 2 and "unknown key model.num_frame" in capsys.readouterr().err

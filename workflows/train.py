@@ -420,6 +420,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
         monitor.finish()  # the driver sets the runs' final status
 
 
+_DONE = object()  # _started's end of the data
+
+
 def _started(batches: Iterable[Any]) -> Iterator[Any]:
     """`batches`, its first item fetched by a thread from now on: a worker starts its data pipeline (Ray Data
     starts the decode actors and they decode the first clips) while it builds the model, not after."""
@@ -443,9 +446,6 @@ def _started(batches: Iterable[Any]) -> Iterator[Any]:
             yield from items
 
     return chained()
-
-
-_DONE = object()
 
 
 def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str]) -> None:
