@@ -1,6 +1,7 @@
-"""Clip transforms: one augmentation per clip, reference crop geometry, CLIP normalisation."""
+"""Clip transforms: reference crop geometry, torchvision's resize without torchvision, CLIP normalisation."""
 
-import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ from evl.video import transforms as T
 from evl.video.transforms import (
     CLIP_MEAN,
     CLIP_STD,
-    ClipRandAugment,
     TrainTransform,
     normalize,
+    resize_antialiased,
     resize_short_side,
     sample_crop_box,
     spatial_crops,
@@ -25,89 +26,6 @@ def constant_clip(t=6, h=48, w=64, seed=0) -> np.ndarray:
     """T copies of one random frame: uint8 [T, H, W, 3]."""
     frame = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
     return np.repeat(frame[None], t, axis=0)
-
-
-def test_rand_augment_applies_identical_ops_to_every_frame():
-    ra = ClipRandAugment(SPEC, 224)
-    rng = np.random.default_rng(0)
-    changed = 0
-    for seed in range(40):
-        clip = constant_clip(seed=seed)
-        out = ra(clip, rng)
-        assert out.shape == clip.shape and out.dtype == np.uint8
-        assert all(np.array_equal(out[i], out[0]) for i in range(len(out))), f"frames differ (seed {seed})"
-        changed += not np.array_equal(out[0], clip[0])
-    assert changed > 30  # it does augment
-
-
-def test_rand_augment_is_reproducible_and_leaves_python_random_alone():
-    ra = ClipRandAugment(SPEC, 224)
-    clip = constant_clip()
-    random.seed(123)
-    expected_next = random.random()
-    random.seed(123)
-    a = ra(clip, np.random.default_rng(5))
-    assert random.random() == expected_next  # the caller's random stream is untouched
-    np.testing.assert_array_equal(a, ra(clip, np.random.default_rng(5)))
-    plans = {tuple(op.name for op, _ in ra.draw(np.random.default_rng(s))) for s in range(20)}
-    assert len(plans) > 10 and all(len(p) == 4 for p in plans)  # n4: four ops drawn per clip
-
-
-def natural_clip(t=3, h=56, w=72, seed=0) -> np.ndarray:
-    """Smooth frames with edges (blurred noise plus a bright square), closer to video than white noise."""
-    from PIL import Image, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    frames = []
-    for _ in range(t):
-        noise = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
-        frame = np.asarray(noise).copy()
-        frame[h // 4: h // 2, w // 3: w // 2] = 230
-        frames.append(frame)
-    return np.stack(frames)
-
-
-@pytest.mark.parametrize("name, args", [
-    ("shear_x", (0.21,)), ("shear_y", (-0.3,)), ("translate_x_rel", (0.31,)), ("translate_y_rel", (-0.22,)),
-    ("translate_x_abs", (17.3,)), ("translate_y_abs", (-9.6,)), ("rotate", (21.0,)), ("rotate", (-29.5,)),
-    ("rotate", (0.0,)), ("sharpness", (1.63,)), ("sharpness", (0.4,)), ("invert", ()), ("equalize", ()),
-    ("contrast", (1.4,)), ("solarize", (128,))])
-def test_each_op_matches_timms_pil_function_within_one_grey_level(name, args):
-    """The OpenCV paths (affine ops, sharpness) against timm's PIL functions on every frame; the rest are
-    timm's functions themselves."""
-    from PIL import Image
-    from timm.data import auto_augment as timm_aa
-
-    fn = getattr(timm_aa, name)
-    kwargs = {"fillcolor": (123, 117, 104), "resample": Image.BILINEAR}
-    clip = natural_clip()
-    ours = np.stack([np.asarray(f) for f in T._apply_op(fn, args, kwargs, list(clip))]).astype(int)
-    pil = np.stack([np.asarray(fn(Image.fromarray(f), *args, **dict(kwargs))) for f in clip]).astype(int)
-    assert ours.shape == pil.shape
-    assert np.abs(ours - pil).max() <= 1
-    if name in ("shear_x", "rotate") and args[0]:
-        assert (ours == np.array([123, 117, 104])).all(-1).any()  # the uncovered corners are filled
-
-
-def test_rand_augment_matches_timm_applied_frame_by_frame():
-    """The whole policy against the plain way (timm's op on each PIL frame, `random` re-seeded per frame):
-    the same ops and magnitudes, so the clips agree within a grey level almost everywhere. A later posterize,
-    equalize or solarize can turn a one-level difference near one of its steps into a large one, hence the
-    bound on the share of differing pixels rather than on the largest difference."""
-    from PIL import Image
-
-    ra = ClipRandAugment(SPEC, 64)
-    for seed in range(12):
-        clip = natural_clip(seed=seed)
-        ours = ra(clip, np.random.default_rng(seed)).astype(int)
-        images = [Image.fromarray(f) for f in clip]
-        for op, op_seed in ra.draw(np.random.default_rng(seed)):
-            for i, image in enumerate(images):
-                random.seed(op_seed)
-                images[i] = op(image)
-        plain = np.stack([np.asarray(image) for image in images]).astype(int)
-        diff = np.abs(ours - plain)
-        assert (diff > 1).mean() < 0.1 and diff.mean() < 5, f"seed {seed}: {(diff > 1).mean():.3f}"
 
 
 def test_crop_box_stays_inside_and_respects_scale():
@@ -136,6 +54,51 @@ def test_train_transform_without_rand_augment_crops_the_frame_content():
     out = TrainTransform(16, None, scale=(1.0, 1.0))(frames, np.random.default_rng(0))
     assert out.shape == (2, 3, 16, 16)
     assert out[0].max() == 0 and out[1].min() == 200  # whole frame, each frame its own content
+
+
+@pytest.mark.parametrize("shape, box, size", [
+    ((4, 3, 48, 64), (5, 7, 30, 41), 32),  # downscale a crop
+    ((2, 3, 20, 28), (0, 0, 20, 28), 32),  # upscale the whole frame
+    ((1, 3, 40, 40), (3, 2, 33, 35), 16),  # one frame
+    ((3, 3, 32, 32), (0, 0, 32, 32), 32),  # nothing to resize
+])
+def test_resized_crop_equals_torchvisions_value_for_value(shape, box, size, monkeypatch):
+    """The train crop's resize against torchvision's resized_crop (bilinear, antialiased) on uint8 clips, laid
+    out as decoding leaves them (channels last) and contiguous; the float path of CPUs without torch's uint8
+    kernel within one grey level."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    top, left, h, w = box
+    frames = np.random.default_rng(0).integers(0, 256, (shape[0], shape[2], shape[3], 3), dtype=np.uint8)
+    channels_last = torch.from_numpy(frames).permute(0, 3, 1, 2)  # [T, 3, H, W]
+    for clip in (channels_last, channels_last.contiguous()):
+        theirs = F.resized_crop(clip, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
+                                antialias=True)
+        ours = resize_antialiased(clip[..., top:top + h, left:left + w], size)
+        assert ours.dtype == torch.uint8 and torch.equal(ours, theirs)
+        monkeypatch.setattr(T, "_NATIVE_UINT8_RESIZE", False)
+        floats = resize_antialiased(clip[..., top:top + h, left:left + w], size)
+        monkeypatch.undo()
+        assert floats.dtype == torch.uint8 and (floats.int() - theirs.int()).abs().max() <= 1
+
+
+def test_decoding_without_rand_augment_imports_neither_torchvision_nor_timm():
+    """What a decode process of a config without RandAugment loads (about 5 s less start-up per process on 2
+    cores than with torchvision and timm); RandAugment brings timm in when it is asked for."""
+    script = """
+import sys
+import numpy as np
+import evl.video.decode, evl.video.sampling, workflows.data
+from evl.video.transforms import TrainTransform, test_views
+frames = np.zeros((4, 40, 48, 3), np.uint8)
+TrainTransform(32, None)(frames, np.random.default_rng(0)); test_views(frames, 32, 3)
+print(sorted(m for m in ("torchvision", "timm") if m in sys.modules))
+TrainTransform(32, "rand-m7-n4-mstd0.5-inc1")
+print(sorted(m for m in ("torchvision", "timm") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["[]", "['timm', 'torchvision']"], out
 
 
 def test_short_side_resize_and_three_crops_along_long_side():
