@@ -370,7 +370,8 @@ def test_submitted_job_trains_on_its_nodes_while_decode_nodes_join_and_leave(clu
                 if a["class_name"] == "MapWorker(MapBatches(TrainDecoder))" and a["state"] == "ALIVE"]
 
     try:
-        wait_until("training step", lambda: loss_steps(tmp_path), timeout=300)
+        # (about 2 min warm; up to 5 min when nothing is in the page cache yet: ~12 processes importing torch)
+        wait_until("training step", lambda: loss_steps(tmp_path), timeout=480)
         new_node = cluster.nodes["decode2"] = cluster.join("decode2", num_cpus=3, decode_node=1)
         wait_until("decode actor on the new node",
                    lambda: [a for a in alive_decoders() if a["node_id"] == new_node], timeout=180)

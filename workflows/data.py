@@ -436,7 +436,7 @@ def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.D
             "temporal_views": cfg.data.num_temporal_views, "spatial_views": cfg.data.num_spatial_views},
         batch_size=batch,
         batch_format="numpy",
-        concurrency=pool,
+        compute=ray.data.TaskPoolStrategy(size=pool),
         num_cpus=0,
         resources=dict(cfg.data.decode_resources) or None,
     )
