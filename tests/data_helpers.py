@@ -120,7 +120,8 @@ def report_shards_loop(loop_config=None):
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-        ray.train.report({"workers": everyone, "failures": decode_failures()}, checkpoint=checkpoint)
+        ray.train.report({"workers": everyone, "failures": decode_failures(loop_config["decode_stats"])},
+                         checkpoint=checkpoint)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,13 @@
 """The Ray Data pipeline feeding a real two-worker Ray Train V2 TorchTrainer, and the eval views."""
 
 import pickle
+import time
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from ray.util.state import list_actors
 
 from evl.config import Config
 from evl.video.decode import probe
@@ -52,19 +54,21 @@ def test_two_train_workers_get_equal_batches_of_valid_clips(data_ray, manifests,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from workflows.data import decode_failures, reset_decode_failures, train_dataset
+    from workflows.data import decode_failures, decode_stats, train_dataset
 
     cfg = config(manifests, passes_per_epoch=2)  # one actor pool for two reshuffled passes
-    dataset = train_dataset(cfg, IMAGE)
-    reset_decode_failures()
-    trainer = TorchTrainer(
-        report_shards_loop,  # lives in an importable module: Ray workers cannot import test files
-        train_loop_config={"epochs": 1},  # each epoch restarts the decode actors: ~20 s on a busy 2-core box
-        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.25}),
-        run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="pipeline"),
-        datasets={"train": dataset},
-    )
-    metrics = trainer.fit().metrics
+    with decode_stats() as stats:
+        trainer = TorchTrainer(
+            report_shards_loop,  # lives in an importable module: Ray workers cannot import test files
+            # each epoch restarts the decode actors: ~20 s on a busy 2-core box
+            train_loop_config={"epochs": 1, "decode_stats": stats},
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False,
+                                                   resources_per_worker={"CPU": 0.25}),
+            run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="pipeline"),
+            datasets={"train": train_dataset(cfg, IMAGE, stats)},
+        )
+        metrics = trainer.fit().metrics
+        assert decode_failures(stats)["total"] == 2  # the driver sees the workers' counts
     workers = metrics["workers"]  # [worker][epoch] -> what it saw
     assert len(workers) == 2
     counts = [w[0]["batches"] for w in workers]
@@ -77,7 +81,10 @@ def test_two_train_workers_get_equal_batches_of_valid_clips(data_ray, manifests,
     failures = metrics["failures"]
     assert failures["total"] == 2 and failures["by_dataset"] == {"train": 2}  # the broken video, each pass
     assert list(failures["files"]) == [manifests["train"].replace("train.parquet", "bad/truncated.mp4")]
-    assert decode_failures()["total"] == 2  # the driver sees the same counts
+    deadline = time.monotonic() + 30
+    while stats in {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert stats not in {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])}  # it ends with its run
 
 
 def test_every_execution_draws_a_new_shuffle(manifests):
@@ -119,10 +126,11 @@ def test_every_execution_draws_a_new_shuffle(manifests):
 
 def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
     from evl.video.kinetics import read_manifest
-    from workflows.data import eval_dataset
+    from workflows.data import decode_stats, eval_dataset
 
     cfg = config(manifests, num_temporal_views=2, num_spatial_views=3)
-    rows = eval_dataset(cfg, IMAGE, manifests["val"]).take_all()
+    with decode_stats() as stats:
+        rows = eval_dataset(cfg, IMAGE, manifests["val"], stats).take_all()
     labels = read_manifest(manifests["val"]).column("label").to_pylist()
     assert len(rows) == 8 * 6
     views = {}
@@ -134,14 +142,18 @@ def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
 
 
 def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
-    """The train manifest ends with a truncated file: evaluation goes on without it and counts it."""
-    from workflows.data import decode_failures, eval_dataset
+    """The train manifest ends with a truncated file: evaluation goes on without it and counts it. Twice in one
+    process, as a sweep's trials one after the other: each run counts only its own failures."""
+    from workflows.data import decode_failures, decode_stats, eval_dataset
 
-    before = decode_failures()["by_dataset"].get("eval", 0)
-    rows = eval_dataset(config(manifests), IMAGE, manifests["train"]).take_all()
-    assert sorted({int(r["video"]) for r in rows}) == list(range(20))  # the 21st row, the broken one, is missing
-    assert decode_failures()["by_dataset"]["eval"] == before + 1
-    assert manifests["train"].replace("train.parquet", "bad/truncated.mp4") in decode_failures()["files"]
+    broken = manifests["train"].replace("train.parquet", "bad/truncated.mp4")
+    with decode_stats() as first, decode_stats() as second:
+        for stats in (first, second):
+            rows = eval_dataset(config(manifests), IMAGE, manifests["train"], stats).take_all()
+            assert sorted({int(r["video"]) for r in rows}) == list(range(20))  # the 21st row, the broken one, is gone
+        for stats in (first, second):
+            counts = decode_failures(stats)
+            assert (counts["total"], counts["by_dataset"], list(counts["files"])) == (1, {"eval": 1}, [broken])
 
 
 def test_pool_size_and_subset(data_ray, manifests):

@@ -209,13 +209,13 @@ def test_eval_decoder_and_predict_use_the_same_views(videos, monkeypatch):
     import workflows.data as data
     from workflows.predict import video_views
 
-    monkeypatch.setattr(data, "_stats_actor", lambda create=True: None)  # no Ray here
+    monkeypatch.setattr(data, "_stats_actor", lambda name: None)  # no Ray here
     threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     try:
         batch = {"path": np.array([videos["landscape"], videos["portrait"]]), "label": np.array([3, 5]),
                  "num_frames": np.array([40, 12]), "width": np.array([100, 60]), "height": np.array([76, 90]),
                  "video": np.array([0, 1])}
-        decoder = data.EvalDecoder(4, 4, 32, 2, 3)
+        decoder = data.EvalDecoder(4, 4, 32, 2, 3, stats="unused")
         out = next(decoder(batch))
         assert out["clip"].shape == (12, 4, 3, 32, 32) and out["clip"].dtype == np.uint8
         assert out["view"].tolist() == list(range(6)) * 2 and out["video"].tolist() == [0] * 6 + [1] * 6

@@ -7,14 +7,16 @@ eval_dataset: every test view of every video -> rows {"clip", "label", "video", 
 
 Clips stay uint8 (the model normalises on its device) and move in blocks of `data.decode_batch_size`
 clips, so the object store holds a few MB per block in flight. Videos that fail to decode are dropped,
-counted in a named actor (`decode_failures()`), and never stop the job.
+counted in the run's own named actor (`decode_stats()`, read with `decode_failures(name)`), and never stop the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -80,51 +82,39 @@ class DecodeStats:
                 "unlisted": self.unlisted}
 
 
-_owned_stats = None  # the creating process keeps a handle: Ray destroys an actor once no handle is left
+@contextlib.contextmanager
+def decode_stats() -> Iterator[str]:
+    """A DecodeStats actor of one run's own, for as long as the block runs; its name, which the run's datasets,
+    decode actors and trainers are given.
 
-
-def _stats_actor(create: bool = True):
-    """The one DecodeStats actor of this Ray cluster, in a fixed namespace (whatever the job's namespace).
-
-    Created by the driver when it builds a dataset, on the driver's node (a decode node may be a spot instance
-    that goes away mid-run), and kept alive by a handle held here for as long as that process lives; decode
-    actors and trainers look it up by name. With create=False: None if there is none (or no Ray).
+    One per run, never one per cluster: runs that share a cluster (a sweep's trials side by side, jobs of
+    several users) or a process (a sweep's trials one after the other, `evl eval` after `evl train`) each count
+    only their own failures, and no run's counter dies with another run. It lives on this process's node (a
+    decode node may be a spot instance that goes away mid-run) and ends with the block.
     """
-    global _owned_stats
-    if not create and not ray.is_initialized():
-        return None
-    try:
-        return ray.get_actor(STATS_NAME, namespace=STATS_NAMESPACE)
-    except ValueError:
-        if not create:
-            return None
+    name = f"{STATS_NAME}-{uuid.uuid4().hex[:12]}"
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    _owned_stats = DecodeStats.options(name=STATS_NAME, namespace=STATS_NAMESPACE, get_if_exists=True,
-                                       scheduling_strategy=here).remote()
-    return _owned_stats
+    actor = DecodeStats.options(name=name, namespace=STATS_NAMESPACE, scheduling_strategy=here).remote()
+    try:
+        yield name
+    finally:
+        ray.kill(actor)
 
 
-def decode_failures() -> dict:
-    """{"total": int, "by_dataset": {"train": n, ...}, "files": {path: reason} (at most 1000), "unlisted": int}.
-
-    Callable from the driver or any Ray worker (e.g. the trainer's rank 0, for a metric).
-    """
-    actor = _stats_actor(create=False)
-    if actor is None:
-        return {"total": 0, "by_dataset": {}, "files": {}, "unlisted": 0}
-    return ray.get(actor.summary.remote())
+def _stats_actor(name: str):
+    return ray.get_actor(name, namespace=STATS_NAMESPACE)
 
 
-def decoders_in_use() -> dict[str, int]:
-    """{node id: train decode actors on it that delivered a batch in the last 30 s}; empty without Ray."""
-    actor = _stats_actor(create=False)
-    return ray.get(actor.decoders.remote()) if actor is not None else {}
+def decode_failures(stats: str) -> dict:
+    """The run's (`stats`: its decode_stats name) failures: {"total": int, "by_dataset": {"train": n, ...},
+    "files": {path: reason} (at most 1000), "unlisted": int}. Callable from the driver or any Ray worker (e.g. the
+    trainer's rank 0, for a metric)."""
+    return ray.get(_stats_actor(stats).summary.remote())
 
 
-def reset_decode_failures() -> None:
-    actor = _stats_actor(create=False)
-    if actor is not None:
-        ray.get(actor.reset.remote())
+def decoders_in_use(stats: str) -> dict[str, int]:
+    """{node id: the run's train decode actors there that delivered a batch in the last 30 s}."""
+    return ray.get(_stats_actor(stats).decoders.remote())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,16 +122,16 @@ def reset_decode_failures() -> None:
 
 
 class _Decoder:
-    """Shared set-up: single-threaded torch (one actor = one core) and a handle on the stats actor."""
+    """Shared set-up: single-threaded torch (one actor = one core) and a handle on the run's stats actor."""
 
     dataset = "train"
 
-    def __init__(self, short_side: int | None):
+    def __init__(self, short_side: int | None, stats: str):
         import torch
 
         torch.set_num_threads(1)
         self.short_side = short_side
-        self.stats = _stats_actor()
+        self.stats = _stats_actor(stats)
 
     def _report(self, failures: list[tuple[str, str]]) -> None:
         if failures:
@@ -173,8 +163,8 @@ class TrainDecoder(_Decoder):
     the run's seed and its place in the epoch, not on which actor decodes it."""
 
     def __init__(self, num_frames: int, sampling_rate: int, image_size: int, rand_augment: str | None,
-                 scale: tuple[float, float], short_side: int | None):
-        super().__init__(short_side)
+                 scale: tuple[float, float], short_side: int | None, stats: str):
+        super().__init__(short_side, stats)
         from evl.video.transforms import TrainTransform
 
         self.num_frames, self.sampling_rate, self.image_size = num_frames, sampling_rate, image_size
@@ -207,8 +197,8 @@ class EvalDecoder(_Decoder):
     dataset = "eval"
 
     def __init__(self, num_frames: int, sampling_rate: int, image_size: int, temporal_views: int,
-                 spatial_views: int):
-        super().__init__(None)  # evl.video.views decodes at full size, then resizes as the reference does
+                 spatial_views: int, stats: str):
+        super().__init__(None, stats)  # evl.video.views decodes at full size, then resizes as the reference does
         import cv2
 
         cv2.setNumThreads(1)  # the resize: one core per actor, as torch above
@@ -374,14 +364,14 @@ def _limit_block_bytes(ds: ray.data.Dataset, rows: int, clip_shape: tuple[int, .
 # Datasets
 
 
-def train_dataset(cfg: Config, image_size: int) -> ray.data.Dataset:
+def train_dataset(cfg: Config, image_size: int, stats: str) -> ray.data.Dataset:
     """Rows {"clip": uint8 [T, 3, S, S], "label": int64}, reshuffled at every epoch (each execution).
 
-    One epoch (one iteration of a shard) = data.passes_per_epoch passes over the manifest.
+    One epoch (one iteration of a shard) = data.passes_per_epoch passes over the manifest. stats: the run's
+    decode_stats(), where the decode actors count the videos they drop.
     """
     if not cfg.data.train_manifest:
         raise ValueError("data.train_manifest is not set")
-    _stats_actor()  # owned by the driver, so counts outlive the decode actors
     table = _subset(read_manifest(cfg.data.train_manifest), cfg.data.max_train_videos, cfg.train.seed)
     table = table.select(_INPUT_COLUMNS)
     pool, batch = decode_pool_size(cfg), cfg.data.decode_batch_size
@@ -392,7 +382,8 @@ def train_dataset(cfg: Config, image_size: int) -> ray.data.Dataset:
         fn_constructor_kwargs={
             "num_frames": cfg.model.num_frames, "sampling_rate": cfg.data.sampling_rate,
             "image_size": image_size, "rand_augment": cfg.data.rand_augment,
-            "scale": (cfg.data.min_scale, cfg.data.max_scale), "short_side": cfg.data.decode_short_side},
+            "scale": (cfg.data.min_scale, cfg.data.max_scale), "short_side": cfg.data.decode_short_side,
+            "stats": stats},
         batch_size=batch,
         batch_format="numpy",
         compute=decode_pool(cfg),
@@ -414,7 +405,7 @@ def ingest_options(cfg: Config) -> dict:
     return {"train": options}
 
 
-def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.Dataset:
+def eval_dataset(cfg: Config, image_size: int, manifest_path: str, stats: str) -> ray.data.Dataset:
     """Every test view of every video: rows {"clip": uint8 [T, 3, S, S], "label", "video", "view"} (int64).
 
     video: the row index in the manifest (average scores per video); view: temporal * spatial index.
@@ -422,9 +413,8 @@ def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.D
     pool of actor processes each time (seconds, more than a small validation set takes to decode), where
     tasks reuse Ray's idle workers (kept between evaluations by a local instance: workflows.runtime). They ask
     for no CPU: evaluation runs while the training loop waits, on the CPUs the (then idle) train decode actors
-    hold, so the two never wait on each other.
+    hold, so the two never wait on each other. stats: the run's decode_stats().
     """
-    _stats_actor()
     table = read_manifest(manifest_path).select(_INPUT_COLUMNS)
     table = table.append_column("video", pa.array(np.arange(table.num_rows, dtype=np.int64)))
     pool, batch = decode_pool_size(cfg), cfg.data.decode_batch_size
@@ -433,7 +423,8 @@ def eval_dataset(cfg: Config, image_size: int, manifest_path: str) -> ray.data.D
         decode_eval_views,
         fn_kwargs={
             "num_frames": cfg.model.num_frames, "sampling_rate": cfg.data.sampling_rate, "image_size": image_size,
-            "temporal_views": cfg.data.num_temporal_views, "spatial_views": cfg.data.num_spatial_views},
+            "temporal_views": cfg.data.num_temporal_views, "spatial_views": cfg.data.num_spatial_views,
+            "stats": stats},
         batch_size=batch,
         batch_format="numpy",
         compute=ray.data.TaskPoolStrategy(size=pool),

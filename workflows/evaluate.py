@@ -120,7 +120,7 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str, data: dict[str, A
     import torch
 
     from evl.metrics import ViewAccumulator
-    from workflows.data import decode_failures, eval_dataset
+    from workflows.data import decode_failures, decode_stats, eval_dataset
     from workflows.runtime import ensure_ray
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,11 +128,10 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str, data: dict[str, A
     names = class_names(ckpt, net.config.num_classes, manifest)
 
     ensure_ray()
-    listed = decode_failures()["files"]  # the cluster's count is shared: what this evaluation adds is ours
     cfg = Config(model=net.config, data=test_data_config(ckpt, data))
     views = ViewAccumulator(net.config.num_classes)
-    with torch.inference_mode():
-        for batch in eval_dataset(cfg, net.image_size, manifest).iter_torch_batches(batch_size=batch_size):
+    with decode_stats() as stats, torch.inference_mode():
+        for batch in eval_dataset(cfg, net.image_size, manifest, stats).iter_torch_batches(batch_size=batch_size):
             views.add(net(batch["clip"].to(device)), batch["label"], batch["video"])
-    skipped = {path: reason for path, reason in decode_failures()["files"].items() if path not in listed}
+        skipped = decode_failures(stats)["files"]
     return views.result(), names, skipped

@@ -199,7 +199,7 @@ def train_pack(cfgs: list[Config], resume: str | None = None, address: str | Non
     from evl.packing import check_packable
     from evl.training import read_deepspeed_overrides
     from workflows import console, tracking
-    from workflows.data import cpus_needed, eval_dataset, ingest_options, train_dataset
+    from workflows.data import cpus_needed, decode_stats, eval_dataset, ingest_options, train_dataset
     from workflows.runtime import ensure_ray
 
     start = time.perf_counter()
@@ -230,32 +230,33 @@ def train_pack(cfgs: list[Config], resume: str | None = None, address: str | Non
 
     ensure_ray(address, min_cpus=cpus_needed(cfg))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop reports progress itself
-    datasets = {"train": train_dataset(cfg, image_size)}
-    if cfg.data.val_manifest:
-        datasets["val"] = eval_dataset(cfg, image_size, cfg.data.val_manifest)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"configs": [c.to_dict() for c in cfgs], "heads": head_names, "run_ids": run_ids,
-                           "tracking_uri": uri, "class_names": names,
-                           "deepspeed_overrides": read_deepspeed_overrides(cfg.train)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_top1",
-                checkpoint_score_order="max"),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=callbacks),
-        datasets=datasets,
-        # Train shards are equal so every worker takes the same number of steps; the validation set is not
-        # split (an equal split would drop views), rank 0 reads all of it.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg)),
-    )
     watch = console.RunProgress(uri, run_ids[0], cfg.train.num_steps) if progress else contextlib.nullcontext()
     try:
-        with watch:
+        with decode_stats() as stats, watch:  # the run's own count of the videos its decoders drop
+            datasets = {"train": train_dataset(cfg, image_size, stats)}
+            if cfg.data.val_manifest:
+                datasets["val"] = eval_dataset(cfg, image_size, cfg.data.val_manifest, stats)
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={"configs": [c.to_dict() for c in cfgs], "heads": head_names, "run_ids": run_ids,
+                                   "tracking_uri": uri, "class_names": names, "decode_stats": stats,
+                                   "deepspeed_overrides": read_deepspeed_overrides(cfg.train)},
+                scaling_config=ray.train.ScalingConfig(
+                    num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}),
+                run_config=ray.train.RunConfig(
+                    name=run_name, storage_path=storage,
+                    checkpoint_config=ray.train.CheckpointConfig(
+                        num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_top1",
+                        checkpoint_score_order="max"),
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                    callbacks=callbacks),
+                datasets=datasets,
+                # Train shards are equal so every worker takes the same number of steps; the validation set is
+                # not split (an equal split would drop views), rank 0 reads all of it.
+                dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                                    execution_options=ingest_options(cfg)),
+            )
             result = trainer.fit()
     except BaseException as e:
         for run_id in run_ids:
@@ -331,7 +332,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
 
     cfgs = [from_dict(Config, c) for c in loop_cfg["configs"]]
     heads, run_ids = loop_cfg["heads"], loop_cfg["run_ids"]
-    uri, names = loop_cfg["tracking_uri"], loop_cfg["class_names"]
+    uri, names, stats = loop_cfg["tracking_uri"], loop_cfg["class_names"], loop_cfg["decode_stats"]
     cfg, packed = cfgs[0], len(cfgs) > 1
     rank = ray.train.get_context().get_world_rank()
     micro = cfg.train.micro_batch_size
@@ -387,8 +388,8 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     def extra_metrics() -> dict[str, float]:
         if rank != 0:
             return {}
-        fleet = decoders_in_use()  # {node: decode actors that delivered lately}
-        return {"decode_failures": float(decode_failures()["total"]), "decode_actors": float(sum(fleet.values())),
+        fleet = decoders_in_use(stats)  # {node: decode actors that delivered lately}
+        return {"decode_failures": float(decode_failures(stats)["total"]), "decode_actors": float(sum(fleet.values())),
                 "decode_nodes": float(len(fleet))}
 
     def on_checkpoint(step: int, per_head: list[dict[str, float]]) -> None:
@@ -406,7 +407,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                     if final:
                         results = last_eval.get("results")
                         _log_final_artifacts(client, run_id, folder / "decoder.pt",
-                                             results[i] if results else None, names)
+                                             results[i] if results else None, names, stats)
                 own = {"val_top1": metrics.get("val_top1", 0.0), **metrics,
                        "trainable_params": trainer.heads[i].trainable_parameters(), "mlflow_run_id": run_id}
                 report.update({f"h{i}/{k}": v for k, v in own.items()} if packed else own)
@@ -448,12 +449,12 @@ def _started(batches: Iterable[Any]) -> Iterator[Any]:
     return chained()
 
 
-def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str]) -> None:
+def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str], stats: str) -> None:
     from workflows import tracking
     from workflows.data import decode_failures
 
     client.log_artifact(run_id, str(decoder_path), "checkpoint")
-    failures = decode_failures()
+    failures = decode_failures(stats)
     client.log_text(run_id, "\n".join(f"{path}\t{reason}" for path, reason in failures["files"].items()) + "\n",
                     "skipped_videos.tsv")
     if result is not None:
