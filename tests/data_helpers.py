@@ -92,8 +92,9 @@ def small_synth(root: str | os.PathLike, classes: int = 4, train: int = 4, val: 
     return params
 
 
-def report_shards_loop(loop_config=None):
-    """`epochs` passes over this worker's shard; rank 0 reports what every worker saw."""
+def report_shards_loop(loop_config: dict):
+    """`epochs` passes over this worker's shard; rank 0 reports what every worker saw and the run's decode
+    failures (`decode_stats`). (Ray Train hands a train function its config only when it requires one.)"""
     import tempfile
 
     import ray.train
@@ -105,7 +106,7 @@ def report_shards_loop(loop_config=None):
 
     shard = ray.train.get_dataset_shard("train")
     epochs = []
-    for _ in range((loop_config or {}).get("epochs", 1)):
+    for _ in range(loop_config["epochs"]):
         start = time.perf_counter()
         seen = {"batches": 0, "labels": [], "shapes": set(), "dtypes": set()}
         for batch in shard.iter_torch_batches(batch_size=2, drop_last=True):
