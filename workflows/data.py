@@ -48,9 +48,6 @@ class DecodeStats:
 
     def __init__(self, max_files: int = MAX_LISTED_FAILURES):
         self.max_files = max_files
-        self.reset()
-
-    def reset(self) -> None:
         self.total = 0
         self.by_dataset: dict[str, int] = {}
         self.files: dict[str, str] = {}
