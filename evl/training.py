@@ -14,7 +14,6 @@ import json
 import math
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -114,17 +113,21 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def use_this_environments_ninja() -> None:
-    """Put this Python environment's bin first on PATH when it holds `ninja` (pip installs one with deepspeed).
+def skip_cpu_shared_memory_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op, which training never calls.
 
-    DeepSpeed JIT-builds ops (on a CPU, its shared-memory op) with whichever ninja PATH finds, into one cache
-    (~/.cache/torch_extensions). A system ninja of another version writes build logs the other cannot read, so
-    processes started with different PATHs (a shell without the venv, a Ray job, a worker) would each rebuild
-    the op from scratch in turn: about 40 s of a busy machine every time."""
-    bin_dir = os.path.dirname(sys.executable)
-    path = os.environ.get("PATH", "")
-    if os.path.isfile(os.path.join(bin_dir, "ninja")) and path.split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + path
+    On a CPU, DeepSpeed's communication backend builds that C++ op with the first engine of a process: 40-60 s of
+    compiling on a fresh machine (a new user's first `evl demo`, a clean CI box), then a ninja check in every
+    process. It serves only `inference_all_reduce` (tensor-parallel inference); the gradient reductions of
+    training go through torch.distributed (gloo) either way. DeepSpeed asks its registry of buildable ops
+    (`deepspeed.ops.__compatible_ops__`, probed once per process) before building it: mark the op unbuildable
+    there. On a GPU the op does not exist and nothing is probed."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 @dataclass
@@ -214,8 +217,9 @@ class Trainer:
             outer.restore(self.device)
 
     def _build_head(self, index: int, tag: str, cfg: Config, deepspeed_overrides: dict[str, Any] | None) -> Head:
-        use_this_environments_ninja()
         import deepspeed  # heavy import, only where an engine is built
+
+        skip_cpu_shared_memory_op()
 
         torch.manual_seed(cfg.train.seed + self.rank)
         model = EVL(cfg.model, backbone=self.backbone)  # initialises the classifier; the backbone is shared

@@ -353,6 +353,15 @@ def test_dockerfile_installs_the_project_and_builds_nothing_for_gpus(dockerfile)
     assert ".venv" in ignored and ".git" in ignored and "data" in ignored
 
 
+def test_every_node_keeps_idle_workers_as_a_local_instance_does(dockerfile):
+    """The image sets the idle-worker time of workflows/runtime.py's local instance on every node (tests/
+    test_multinode.py's cluster sets the same)."""
+    from workflows.runtime import LOCAL_SYSTEM_CONFIG
+
+    env = dict(re.findall(r"(RAY_\w+)=(\S+)", " ".join(re.findall(r"^ENV\s+((?:.*\\\n)*.*)", dockerfile, flags=re.M))))
+    assert env == {f"RAY_{key}": str(value) for key, value in LOCAL_SYSTEM_CONFIG.items()}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # cluster/kuberay/
 
@@ -611,9 +620,9 @@ ENGINE_CHECK = textwrap.dedent("""
     import json, os, socket, sys
     import torch, torch.distributed as dist
     import deepspeed
-    # A CPU-only shared-memory all-reduce kernel, JIT-compiled on first use (a minute): not what is tested.
-    # (sys.modules: the package attribute deepspeed.comm.torch is the torch package, not this module.)
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    # DeepSpeed's CPU shared-memory all-reduce op (inference only), left unbuilt as evl.training's
+    # skip_cpu_shared_memory_op leaves it: not what is tested, and a minute of compiling on a fresh machine.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

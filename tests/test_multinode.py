@@ -81,8 +81,12 @@ class LocalCluster:
                "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
                *args]
         # RAY_ADDRESS: Ray processes that look the cluster up by themselves (e.g. Ray Train's
-        # PlacementGroupCleaner) find this one, not whichever cluster /tmp/ray names. No drain on SIGTERM.
-        env = self.env(RAY_ADDRESS=self.gcs_address, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+        # PlacementGroupCleaner) find this one, not whichever cluster /tmp/ray names. No drain on SIGTERM. And
+        # the settings cluster/Dockerfile gives every node: idle workers kept as a local instance keeps them.
+        from workflows.runtime import LOCAL_SYSTEM_CONFIG
+
+        env = self.env(RAY_ADDRESS=self.gcs_address, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+                       **{f"RAY_{key}": str(value) for key, value in LOCAL_SYSTEM_CONFIG.items()})
         with open(log, "w") as out:
             self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, start_new_session=True))
