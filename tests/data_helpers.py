@@ -100,7 +100,7 @@ def report_shards_loop(loop_config: dict):
     import ray.train
     import torch.distributed as dist
 
-    from workflows.data import decode_failures
+    from workflows.decode_stats import decode_failures
 
     import time
 
@@ -152,7 +152,7 @@ def _init_with_retry(ray, num_cpus: int, attempts: int = 2) -> None:
             # workers' placement group of a trial Tune stops (ASHA, or max_t reached) is never removed, and
             # the next trial waits for CPUs forever. Users' `ray.init` starts it too.
             ray.init(num_cpus=num_cpus, include_dashboard=True, log_to_driver=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}}, _system_config=LOCAL_SYSTEM_CONFIG)
+                     runtime_env={"env_vars": {"PYTHONPATH": _repo_root()}}, _system_config=dict(LOCAL_SYSTEM_CONFIG))
             return
         except Exception:  # noqa: BLE001 - Ray raises plain Exception for a node that did not start
             ray.shutdown()

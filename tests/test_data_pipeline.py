@@ -54,7 +54,8 @@ def test_two_train_workers_get_equal_batches_of_valid_clips(data_ray, manifests,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from workflows.data import decode_failures, decode_stats, train_dataset
+    from workflows.data import train_dataset
+    from workflows.decode_stats import decode_failures, decode_stats
 
     cfg = config(manifests, passes_per_epoch=2)  # one actor pool for two reshuffled passes
     with decode_stats() as stats:
@@ -126,7 +127,8 @@ def test_every_execution_draws_a_new_shuffle(manifests):
 
 def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
     from evl.video.kinetics import read_manifest
-    from workflows.data import decode_stats, eval_dataset
+    from workflows.data import eval_dataset
+    from workflows.decode_stats import decode_stats
 
     cfg = config(manifests, num_temporal_views=2, num_spatial_views=3)
     with decode_stats() as stats:
@@ -144,7 +146,8 @@ def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
 def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
     """The train manifest ends with a truncated file: evaluation goes on without it and counts it. Twice in one
     process, as a sweep's trials one after the other: each run counts only its own failures."""
-    from workflows.data import decode_failures, decode_stats, eval_dataset
+    from workflows.data import eval_dataset
+    from workflows.decode_stats import decode_failures, decode_stats
 
     broken = manifests["train"].replace("train.parquet", "bad/truncated.mp4")
     with decode_stats() as first, decode_stats() as second:

@@ -7,16 +7,13 @@ eval_dataset: every test view of every video -> rows {"clip", "label", "video", 
 
 Clips stay uint8 (the model normalises on its device) and move in blocks of `data.decode_batch_size`
 clips, so the object store holds a few MB per block in flight. Videos that fail to decode are dropped,
-counted in the run's own named actor (`decode_stats()`, read with `decode_failures(name)`), and never stop the job.
+counted in the run's own named actor (workflows.decode_stats), and never stop the job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import time
-import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,94 +21,13 @@ import pyarrow as pa
 import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from evl.config import Config
 from evl.video.decode import VideoError
 from evl.video.kinetics import read_manifest
+from workflows.decode_stats import stats_actor
 
-STATS_NAME = "evl_decode_stats"
-STATS_NAMESPACE = "evl"
-MAX_LISTED_FAILURES = 1000
-DECODERS_WINDOW_S = 30.0  # a decode actor counts as in use if it delivered a batch this recently
 _INPUT_COLUMNS = ["path", "label", "num_frames", "width", "height"]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Failure counting and the decode fleet
-
-
-@ray.remote(num_cpus=0)
-class DecodeStats:
-    """Counts of videos that could not be decoded, per dataset, and which files (bounded); and which train
-    decode actors delivered clips lately, and on which nodes (the elastic pool's size as it really is)."""
-
-    def __init__(self, max_files: int = MAX_LISTED_FAILURES):
-        self.max_files = max_files
-        self.total = 0
-        self.by_dataset: dict[str, int] = {}
-        self.files: dict[str, str] = {}
-        self.unlisted = 0
-        self.last_seen: dict[str, tuple[str, float]] = {}  # decode actor id -> (node id, time of its last batch)
-
-    def seen(self, actor_id: str, node_id: str) -> None:
-        self.last_seen[actor_id] = (node_id, time.monotonic())
-
-    def decoders(self, window_s: float = DECODERS_WINDOW_S) -> dict[str, int]:
-        """{node id: decode actors there that delivered a batch in the last `window_s` seconds}."""
-        now, out = time.monotonic(), {}
-        for node, when in self.last_seen.values():
-            if now - when <= window_s:
-                out[node] = out.get(node, 0) + 1
-        return out
-
-    def record(self, dataset: str, failures: list[tuple[str, str]]) -> None:
-        self.total += len(failures)
-        self.by_dataset[dataset] = self.by_dataset.get(dataset, 0) + len(failures)
-        for path, reason in failures:
-            if path in self.files or len(self.files) < self.max_files:
-                self.files[path] = reason
-            else:
-                self.unlisted += 1
-
-    def summary(self) -> dict:
-        return {"total": self.total, "by_dataset": dict(self.by_dataset), "files": dict(self.files),
-                "unlisted": self.unlisted}
-
-
-@contextlib.contextmanager
-def decode_stats() -> Iterator[str]:
-    """A DecodeStats actor of one run's own, for as long as the block runs; its name, which the run's datasets,
-    decode actors and trainers are given.
-
-    One per run, never one per cluster: runs that share a cluster (a sweep's trials side by side, jobs of
-    several users) or a process (a sweep's trials one after the other, `evl eval` after `evl train`) each count
-    only their own failures, and no run's counter dies with another run. It lives on this process's node (a
-    decode node may be a spot instance that goes away mid-run) and ends with the block.
-    """
-    name = f"{STATS_NAME}-{uuid.uuid4().hex[:12]}"
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = DecodeStats.options(name=name, namespace=STATS_NAMESPACE, scheduling_strategy=here).remote()
-    try:
-        yield name
-    finally:
-        ray.kill(actor)
-
-
-def _stats_actor(name: str):
-    return ray.get_actor(name, namespace=STATS_NAMESPACE)
-
-
-def decode_failures(stats: str) -> dict:
-    """The run's (`stats`: its decode_stats name) failures: {"total": int, "by_dataset": {"train": n, ...},
-    "files": {path: reason} (at most 1000), "unlisted": int}. Callable from the driver or any Ray worker (e.g. the
-    trainer's rank 0, for a metric)."""
-    return ray.get(_stats_actor(stats).summary.remote())
-
-
-def decoders_in_use(stats: str) -> dict[str, int]:
-    """{node id: the run's train decode actors there that delivered a batch in the last 30 s}."""
-    return ray.get(_stats_actor(stats).decoders.remote())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,7 +44,7 @@ class _Decoder:
 
         torch.set_num_threads(1)
         self.short_side = short_side
-        self.stats = _stats_actor(stats)
+        self.stats = stats_actor(stats)
 
     def _report(self, failures: list[tuple[str, str]]) -> None:
         if failures:

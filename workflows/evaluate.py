@@ -120,7 +120,8 @@ def evaluate_checkpoint(checkpoint: str | Path, manifest: str, data: dict[str, A
     import torch
 
     from evl.metrics import ViewAccumulator
-    from workflows.data import decode_failures, decode_stats, eval_dataset
+    from workflows.data import eval_dataset
+    from workflows.decode_stats import decode_failures, decode_stats
     from workflows.runtime import ensure_ray
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

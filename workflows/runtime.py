@@ -38,8 +38,9 @@ def ensure_ray(address: str | None = None, min_cpus: float = 0, **init_kwargs) -
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None and min_cpus and "num_cpus" not in init_kwargs:
         try:
-            ray.init(num_cpus=max(math.ceil(min_cpus), os.cpu_count() or 1), _system_config=LOCAL_SYSTEM_CONFIG,
-                     **init_kwargs)
+            # (a copy: ray.init adds keys of its own to the dict it is given)
+            ray.init(num_cpus=max(math.ceil(min_cpus), os.cpu_count() or 1),
+                     _system_config=dict(LOCAL_SYSTEM_CONFIG), **init_kwargs)
             return
         except ValueError as e:  # a local cluster started with `ray start` is running: join it instead
             if "existing cluster" not in str(e):

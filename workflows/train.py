@@ -199,7 +199,8 @@ def train_pack(cfgs: list[Config], resume: str | None = None, address: str | Non
     from evl.packing import check_packable
     from evl.training import read_deepspeed_overrides
     from workflows import console, tracking
-    from workflows.data import cpus_needed, decode_stats, eval_dataset, ingest_options, train_dataset
+    from workflows.data import cpus_needed, eval_dataset, ingest_options, train_dataset
+    from workflows.decode_stats import decode_stats
     from workflows.runtime import ensure_ray
 
     start = time.perf_counter()
@@ -328,7 +329,7 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from evl.checkpoint import save_checkpoint
     from evl.training import Trainer, fit
     from workflows import tracking
-    from workflows.data import decode_failures, decoders_in_use
+    from workflows.decode_stats import decode_failures, decoders_in_use
 
     cfgs = [from_dict(Config, c) for c in loop_cfg["configs"]]
     heads, run_ids = loop_cfg["heads"], loop_cfg["run_ids"]
@@ -451,7 +452,7 @@ def _started(batches: Iterable[Any]) -> Iterator[Any]:
 
 def _log_final_artifacts(client, run_id: str, decoder_path: Path, result, names: list[str], stats: str) -> None:
     from workflows import tracking
-    from workflows.data import decode_failures
+    from workflows.decode_stats import decode_failures
 
     client.log_artifact(run_id, str(decoder_path), "checkpoint")
     failures = decode_failures(stats)
