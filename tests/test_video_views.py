@@ -209,7 +209,7 @@ def test_eval_decoder_and_predict_use_the_same_views(videos, monkeypatch):
     import workflows.data as data
     from workflows.predict import video_views
 
-    monkeypatch.setattr(data, "_stats_actor", lambda name: None)  # no Ray here
+    monkeypatch.setattr(data, "stats_actor", lambda name: None)  # no Ray here
     threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     try:
         batch = {"path": np.array([videos["landscape"], videos["portrait"]]), "label": np.array([3, 5]),
