@@ -374,7 +374,7 @@ def test_submitted_job_trains_on_its_nodes_while_decode_nodes_join_and_leave(clu
                 if a["class_name"] == "MapWorker(MapBatches(TrainDecoder))" and a["state"] == "ALIVE"]
 
     try:
-        # (about 2 min warm; up to 5 min when nothing is in the page cache yet: ~12 processes importing torch)
+        # (about 1.5 min warm; up to 5 min when nothing is in the page cache yet: ~12 processes importing torch)
         wait_until("training step", lambda: loss_steps(tmp_path), timeout=480)
         new_node = cluster.nodes["decode2"] = cluster.join("decode2", num_cpus=3, decode_node=1)
         wait_until("decode actor on the new node",
