@@ -116,9 +116,9 @@ def init_distributed(device: torch.device) -> None:
 def skip_cpu_shared_memory_op() -> None:
     """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op, which training never calls.
 
-    On a CPU, DeepSpeed's communication backend builds that C++ op with the first engine of a process: 40-60 s of
-    compiling on a fresh machine (a new user's first `evl demo`, a clean CI box), then a ninja check in every
-    process. It serves only `inference_all_reduce` (tensor-parallel inference); the gradient reductions of
+    On a CPU, DeepSpeed's communication backend builds that C++ op with the first engine of a process: about a
+    minute of compiling on a fresh machine (a new user's first `evl demo`, a clean CI box), then a ninja check
+    in every process. It serves only `inference_all_reduce` (tensor-parallel inference); the gradient reductions of
     training go through torch.distributed (gloo) either way. DeepSpeed asks its registry of buildable ops
     (`deepspeed.ops.__compatible_ops__`, probed once per process) before building it: mark the op unbuildable
     there. On a GPU the op does not exist and nothing is probed."""
