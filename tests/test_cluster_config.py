@@ -620,9 +620,8 @@ ENGINE_CHECK = textwrap.dedent("""
     import json, os, socket, sys
     import torch, torch.distributed as dist
     import deepspeed
-    # DeepSpeed's CPU shared-memory all-reduce op (inference only), left unbuilt as evl.training's
-    # skip_cpu_shared_memory_op leaves it: not what is tested, and a minute of compiling on a fresh machine.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from evl.training import skip_cpu_shared_memory_op
+    skip_cpu_shared_memory_op()  # as every Trainer does: no minute of compiling an op training never calls
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
