@@ -324,6 +324,19 @@ def _check_resumable(cfgs: list[Config], run_dir: str) -> None:
 def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
+
+    cfgs = [from_dict(Config, c) for c in loop_cfg["configs"]]
+    cfg, packed = cfgs[0], len(cfgs) > 1
+    micro = cfg.train.micro_batch_size
+    train_shard = ray.train.get_dataset_shard("train")
+
+    def pass_of_batches():
+        return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
+
+    # The data pipeline first: Ray Data starts the decode actors and they decode the first clips while this
+    # worker imports the model's libraries (seconds) and builds the model.
+    first_pass = [_started(pass_of_batches())]
+
     from mlflow.tracking import MlflowClient
 
     from evl.checkpoint import save_checkpoint
@@ -331,18 +344,9 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
     from workflows import tracking
     from workflows.decode_stats import decode_failures, decoders_in_use
 
-    cfgs = [from_dict(Config, c) for c in loop_cfg["configs"]]
     heads, run_ids = loop_cfg["heads"], loop_cfg["run_ids"]
     uri, names, stats = loop_cfg["tracking_uri"], loop_cfg["class_names"], loop_cfg["decode_stats"]
-    cfg, packed = cfgs[0], len(cfgs) > 1
     rank = ray.train.get_context().get_world_rank()
-    micro = cfg.train.micro_batch_size
-    train_shard = ray.train.get_dataset_shard("train")
-
-    def pass_of_batches():
-        return train_shard.iter_torch_batches(batch_size=micro, drop_last=True, prefetch_batches=2)
-
-    first_pass = [_started(pass_of_batches())]  # decode actors start and decode while the model is built
     trainer = Trainer(cfgs, ray.train.torch.get_device(), loop_cfg["deepspeed_overrides"])
     restored = ray.train.get_checkpoint()
     if restored:
