@@ -86,7 +86,8 @@ def test_packed_grid_sweep_against_a_tracking_server_with_a_killed_worker_then_r
                                                                                       tmp_path, capsys):
     """4 frames x 2 depths: one pack of two heads (how grids split into packs: tests/test_packing.py), each head
     a full citizen: its own FINISHED child run with its params and metrics, its checkpoint that `evl eval`
-    loads, its row. A worker killed mid-run restarts the pack with every head from its own checkpoint;
+    loads, its row. A worker killed mid-run restarts the pack with every head from its own checkpoint (the
+    suite's test of Ray Train restarting a worker group by itself, max_failures=1);
     --resume trains nothing again."""
     import threading
 
