@@ -23,10 +23,11 @@ def test_cpus_needed_counts_trainers_and_decode_actors():
 
 
 def test_local_instance_is_sized_for_the_job_and_keeps_idle_workers_for_the_next_tasks():
-    """In a fresh process and Ray temp folder (so no running cluster is found), one local instance started as a job
-    starts it: more logical CPUs than cores when the job needs them. And while actors hold every CPU (as trainers
+    """In a fresh process and Ray temp folder (so no running cluster is found), the local instance `ensure_ray`
+    starts has more logical CPUs than cores when the job needs them. And while actors hold every CPU (as trainers
     and decode actors do), tasks after a pause run in the idle processes of the ones before instead of fresh ones
-    (Ray's default ends those after 1 s, and every evaluation paid for the imports again)."""
+    (Ray's default ends those after 1 s, and every evaluation paid for the imports again). One Ray start for both
+    checks: each costs ~15 s here."""
     cores = os.cpu_count() or 1
     code = ("import time, os, ray; from workflows.runtime import ensure_ray;"
             f"ensure_ray(min_cpus={cores + 0.5}, include_dashboard=False)\n"
