@@ -127,7 +127,7 @@ def report_shards_loop(loop_config: dict):
 
 @contextlib.contextmanager
 def ray_session(num_cpus: int = 2):
-    """A local Ray for one test module; reuses (and leaves alone) one that is already running."""
+    """The test session's local Ray (conftest.shared_ray); reuses (and leaves alone) one that is already running."""
     import ray
 
     if ray.is_initialized():

@@ -8,7 +8,7 @@ import pytest
 from evl.video.decode import VideoError, probe, read_frames
 from evl.video.kinetics import read_manifest
 from evl.video.sampling import train_indices
-from tests.data_helpers import frame_index, ray_session, write_bad_videos
+from tests.data_helpers import frame_index, write_bad_videos
 from workflows.prepare import format_summary, prepare_dataset
 
 EXPECTED_REASON = {
@@ -83,12 +83,11 @@ def messy_dataset(bad, tmp_path_factory):
     return root
 
 
-def test_prepare_lists_every_bad_file_and_keeps_only_good_ones(messy_dataset, tmp_path):
+def test_prepare_lists_every_bad_file_and_keeps_only_good_ones(data_ray, messy_dataset, tmp_path):
     root = messy_dataset
-    with ray_session():
-        summary = prepare_dataset(str(root), str(tmp_path), splits=["train", "extra"],
-                                  annotations=[str(root / "annotations" / "train.csv"), str(root / "extra list.txt")],
-                                  classes=str(root / "classes.json"))
+    summary = prepare_dataset(str(root), str(tmp_path), splits=["train", "extra"],
+                              annotations=[str(root / "annotations" / "train.csv"), str(root / "extra list.txt")],
+                              classes=str(root / "classes.json"))
     unreadable = {u["path"].rsplit("/", 1)[-1]: u["reason"] for u in summary["unreadable"]}
     by_id = {f"id{i:09d}_000000_000010.mp4": name for i, name in enumerate(
         ["ok_good", "ok_one_frame", "ok_short", "ok_odd_width", "ok_portrait", "zero_bytes", "truncated", "text",
