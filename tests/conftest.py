@@ -41,8 +41,9 @@ def shared_ray():
     # One local node, which nothing drains: Ray Train's preemption watcher (one more actor process per fit, seconds
     # on 2 cores) has nothing to watch. The clusters of tests/test_multinode.py keep Ray's defaults.
     os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    # Ray Train's controller polls its workers every 2 s: a run's end (and each checkpoint it registers) is noticed
-    # up to 2 s late, a second per run on average; runs here are seconds long. A poll is a cheap call per worker.
+    # Ray Train's controller collects each worker's report (a one-slot queue) when it polls the workers, every 2 s by
+    # default: runs here report faster than that, so a report waited up to 2 s for the one before it to be
+    # collected, and a run's end was noticed up to 2 s late. A poll is one cheap call per worker.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     with ray_session(num_cpus=4) as ray:
         yield ray
