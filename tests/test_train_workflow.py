@@ -28,8 +28,9 @@ def dataset(tiny_dataset, local_ray):
     return tiny_dataset
 
 
-SECOND_RUN = ("data.decode_workers=2", "train.num_steps=12", "train.eval_every=2", "train.checkpoint_every=2",
-              "train.keep_checkpoints=2")
+# The first run's settings beyond tiny_config's; its rerun (the killed-worker test) uses them too.
+FIRST_RUN = ("data.decode_workers=2", "train.num_steps=12", "train.eval_every=2", "train.checkpoint_every=2",
+             "train.keep_checkpoints=2")
 
 
 def tiny_config(dataset: Path, tmp_path: Path, *overrides: str):
@@ -48,7 +49,7 @@ def first_run(dataset, tmp_path_factory):
     """One run of the tiny config, two decode actors racing to feed two trainers; six evaluations and
     checkpoints, the best two kept (and the latest, which a restart needs)."""
     tmp_path = tmp_path_factory.mktemp("first")
-    cfg = tiny_config(dataset, tmp_path, *SECOND_RUN)
+    cfg = tiny_config(dataset, tmp_path, *FIRST_RUN)
     return cfg, train(cfg), tmp_path
 
 
@@ -177,7 +178,7 @@ def test_a_rerun_logs_the_same_numbers_until_a_killed_worker_stops_it_then_resum
     (A worker group that restarts by itself, max_failures=1, is the packed sweep's test in tests/test_sweep.py: a
     plain run is a pack of one, through the same checkpoints and train loop.)"""
     _, first, _ = first_run
-    cfg = tiny_config(dataset, tmp_path, *SECOND_RUN, "scaling.max_failures=0")
+    cfg = tiny_config(dataset, tmp_path, *FIRST_RUN, "scaling.max_failures=0")
     done, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_a_worker_at_new_checkpoints,
                               args=(Path(cfg.scaling.storage_path), 1, done, killed), kwargs={"from_step": 6})
@@ -203,7 +204,7 @@ def test_a_rerun_logs_the_same_numbers_until_a_killed_worker_stops_it_then_resum
         reached = [step for step, _ in before if step <= stopped_at]
         assert again == before[:len(again)] and len(again) >= len(reached), (key, again, before)
 
-    other = tiny_config(dataset, tmp_path, *SECOND_RUN, "model.num_frames=8")
+    other = tiny_config(dataset, tmp_path, *FIRST_RUN, "model.num_frames=8")
     with pytest.raises(ConfigError, match="num_frames: run has 4, config has 8"):
         train(other, resume=run_dir.name)
 
