@@ -126,7 +126,7 @@ def report_shards_loop(loop_config: dict):
 
 
 @contextlib.contextmanager
-def ray_session(num_cpus: int = 2):
+def ray_session(num_cpus: int):
     """The test session's local Ray (conftest.shared_ray); reuses (and leaves alone) one that is already running."""
     import ray
 

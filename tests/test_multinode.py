@@ -338,7 +338,7 @@ def test_submitted_job_trains_on_its_nodes_while_decode_nodes_join_and_leave(clu
     broken for it, and every wait is bounded. (The last test on this cluster: it loses a node.)
 
     The first decode node has one CPU, one decode actor: the steps before the join are slow and those after the
-    loss fast. The join and the loss take a time, not a number of steps (about 55 of the 140 on this machine,
+    loss fast. The join and the loss take a time, not a number of steps (about 45 of the 140 on this machine,
     with room for a slow join); the steps left then go by at three actors' pace."""
     import urllib.error
     import uuid
