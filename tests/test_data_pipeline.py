@@ -159,6 +159,33 @@ def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
             assert (counts["total"], counts["by_dataset"], list(counts["files"])) == (1, {"eval": 1}, [broken])
 
 
+def test_a_decoders_failures_are_counted_before_its_batch_is_handed_on(data_ray, manifests):
+    """`evl eval` once printed no broken video though it had skipped one: the driver read the count while the last
+    decode task's report was still on its way. Here the task's process is gone the moment its batch is out (an
+    idle worker Ray reaps, a lost spot node): a report sent fire-and-forget is lost, a counted one is not."""
+    import os
+
+    from workflows.decode_stats import decode_failures, decode_stats
+
+    broken = manifests["train"].replace("train.parquet", "bad/truncated.mp4")
+
+    @data_ray.remote(max_retries=0)
+    def decode_then_vanish(stats: str) -> None:
+        from workflows.data import decode_eval_views
+
+        batch = {"path": np.array([broken]), "label": np.array([0]), "num_frames": np.array([16]),
+                 "width": np.array([IMAGE]), "height": np.array([IMAGE]), "video": np.array([0])}
+        assert list(decode_eval_views(batch, num_frames=NUM_FRAMES, sampling_rate=2, image_size=IMAGE,
+                                      temporal_views=1, spatial_views=1, stats=stats)) == []
+        os._exit(0)
+
+    with decode_stats() as stats:
+        with pytest.raises(data_ray.exceptions.WorkerCrashedError):
+            data_ray.get(decode_then_vanish.remote(stats))
+        counts = decode_failures(stats)
+    assert (counts["total"], list(counts["files"])) == (1, [broken])
+
+
 def test_pool_size_and_subset(data_ray, manifests):
     from evl.config import ConfigError
     from workflows.data import _subset, decode_pool, decode_pool_size

@@ -47,8 +47,11 @@ class _Decoder:
         self.stats = stats_actor(stats)
 
     def _report(self, failures: list[tuple[str, str]]) -> None:
+        """Waits until the run's counter has them: a decoder's batch may be the last its process hands on (the
+        dataset ends and the driver reads the count, a task worker is reaped, a spot node goes), and a call
+        still on its way then is lost or overtaken. Failures are rare, so the wait almost never happens."""
         if failures:
-            self.stats.record.remote(self.dataset, failures)  # fire and forget
+            ray.get(self.stats.record.remote(self.dataset, failures))
 
     def _frames(self, row: dict, indices: np.ndarray) -> np.ndarray:
         from evl.video.decode import read_frames
