@@ -21,7 +21,7 @@ CLASSES = sorted(SYNTH_CLASSES[:4])
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
-    """train: 20 good videos + 1 truncated one (to be dropped and counted); val: 8 videos."""
+    """train: 20 good videos + 1 truncated one, "broken" (to be dropped and counted); val: 8 videos."""
     root = tmp_path_factory.mktemp("pipeline")
     small_synth(root, classes=4, train=5, val=2, frames=24, size=40)
     videos = find_videos(str(root))
@@ -31,8 +31,8 @@ def manifests(tmp_path_factory):
         rows = [{**e.__dict__, **probe(e.path).__dict__} for e in entries]
         out[split] = str(root / f"{split}.parquet")
         if split == "train":
-            broken = write_bad_videos(root / "bad")["truncated"]
-            rows.append({**rows[0], "path": broken})
+            out["broken"] = write_bad_videos(root / "bad")["truncated"]
+            rows.append({**rows[0], "path": out["broken"]})
         write_manifest(rows, out[split], classes=CLASSES)
     return out
 
@@ -81,7 +81,7 @@ def test_two_train_workers_get_equal_batches_of_valid_clips(data_ray, manifests,
     assert Counter(workers[0][0]["labels"] + workers[1][0]["labels"]) == {i: 10 for i in range(4)}
     failures = metrics["failures"]
     assert failures["total"] == 2 and failures["by_dataset"] == {"train": 2}  # the broken video, each pass
-    assert list(failures["files"]) == [manifests["train"].replace("train.parquet", "bad/truncated.mp4")]
+    assert list(failures["files"]) == [manifests["broken"]]
     deadline = time.monotonic() + 30
     while stats in {a.name for a in list_actors(filters=[("state", "=", "ALIVE")])} and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -149,7 +149,7 @@ def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
     from workflows.data import eval_dataset
     from workflows.decode_stats import decode_failures, decode_stats
 
-    broken = manifests["train"].replace("train.parquet", "bad/truncated.mp4")
+    broken = manifests["broken"]
     with decode_stats() as first, decode_stats() as second:
         for stats in (first, second):
             rows = eval_dataset(config(manifests), IMAGE, manifests["train"], stats).take_all()
@@ -160,14 +160,15 @@ def test_eval_dataset_skips_and_counts_a_broken_video(data_ray, manifests):
 
 
 def test_a_decoders_failures_are_counted_before_its_batch_is_handed_on(data_ray, manifests):
-    """`evl eval` once printed no broken video though it had skipped one: the driver read the count while the last
-    decode task's report was still on its way. Here the task's process is gone the moment its batch is out (an
-    idle worker Ray reaps, a lost spot node): a report sent fire-and-forget is lost, a counted one is not."""
+    """`evl eval` once printed no broken video though it had skipped one: a decode task's report sent fire-and-forget
+    can still be on its way when the driver reads the count, or be lost with its process. Here the task's process
+    is gone the moment its batch is out (an idle worker Ray reaps, a lost spot node): a report sent fire-and-forget
+    is lost, a counted one is not."""
     import os
 
     from workflows.decode_stats import decode_failures, decode_stats
 
-    broken = manifests["train"].replace("train.parquet", "bad/truncated.mp4")
+    broken = manifests["broken"]
 
     @data_ray.remote(max_retries=0)
     def decode_then_vanish(stats: str) -> None:
