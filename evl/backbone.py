@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evl import storage
 from evl.config import ConfigError
 
 # Small ViT configs shipped with the project (tests and the CPU demo). Registered on import, so every process
@@ -88,13 +89,38 @@ def weights_identity(name: str, pretrained: str | None, seed: int) -> str:
     trained on: an open_clip tag, a file's sha256, or the seed of a random init."""
     if pretrained is None:
         return f"{name}:random:seed={seed}"
-    if os.path.isfile(pretrained):
+    if _is_weights_file(pretrained):
         digest = hashlib.sha256()
-        with open(pretrained, "rb") as f:
+        with open(_local_weights(pretrained), "rb") as f:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 digest.update(chunk)
         return f"{name}:sha256:{digest.hexdigest()}"
     return f"{name}:{pretrained}"
+
+
+def _is_weights_file(pretrained: str | None) -> bool:
+    """A weights file, local or in a store (`s3://bucket/weights/ViT-B-16.pt`), rather than an open_clip tag."""
+    if pretrained is None:
+        return False
+    if not storage.is_uri(pretrained):
+        return os.path.isfile(pretrained)
+    try:
+        return storage.is_file(pretrained)
+    except storage.StorageError as e:
+        raise ConfigError(f"backbone weights {e}") from None
+
+
+def _local_weights(pretrained: str) -> str:
+    """A local path to the weights file: a store's copy is fetched once per machine (`storage.local_copy`), with
+    an `open_clip_config.json` beside it if the store has one."""
+    try:
+        if storage.is_uri(pretrained):
+            hub = storage.join(storage.parent(pretrained), HUB_CONFIG)
+            if storage.is_file(hub):
+                storage.local_copy(hub)
+        return storage.local_copy(pretrained)
+    except storage.StorageError as e:
+        raise ConfigError(f"backbone weights {e}") from None
 
 
 def _is_tag(name: str, pretrained: str | None) -> bool:
@@ -117,18 +143,18 @@ def resolve_activation(name: str, pretrained: str | None, quick_gelu: bool | Non
     evidence = []  # (what says so, QuickGELU?)
     if base != name or (open_clip.get_model_config(name) or {}).get("quick_gelu"):
         evidence.append((f"the model name {name!r}", True))
-    is_file = pretrained is not None and os.path.isfile(pretrained)
+    is_file = _is_weights_file(pretrained)
     tag_owner = next((n for n in (name, base, base + QUICKGELU) if not is_file and _is_tag(n, pretrained)), None)
     if tag_owner is not None:
         said = bool(open_clip.get_pretrained_cfg(tag_owner, pretrained).get("quick_gelu", False))
         evidence.append((f"the open_clip tag {pretrained!r}", said))
-    hub = Path(pretrained).parent / HUB_CONFIG if is_file else None
-    if hub is not None and hub.is_file():
+    hub = storage.join(storage.parent(pretrained), HUB_CONFIG) if is_file else None
+    if hub is not None and storage.is_file(hub):
         try:
-            said = bool(json.loads(hub.read_text())["model_cfg"].get("quick_gelu", False))
+            said = bool(json.loads(storage.read_text(hub))["model_cfg"].get("quick_gelu", False))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{hub} (beside the backbone weights) is not an open_clip config: {e}") from e
-        evidence.append((str(hub), said))
+        evidence.append((hub, said))
     if quick_gelu is not None:
         evidence.insert(0, (f"model.quick_gelu={str(quick_gelu).lower()}", quick_gelu))
     for source, said in evidence[1:]:
@@ -151,9 +177,11 @@ def _act(quick_gelu: bool) -> str:
 def _create_clip(name: str, pretrained: str | None, seed: int, quick_gelu: bool) -> nn.Module:
     """The open_clip model `name` (no -quickgelu suffix) with the given activation and weights."""
     variant = name + QUICKGELU if quick_gelu and open_clip.get_model_config(name + QUICKGELU) else name
-    is_file = pretrained is not None and os.path.isfile(pretrained)
-    if pretrained is not None and not is_file:
-        if pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained:
+    is_file = _is_weights_file(pretrained)
+    if is_file:
+        pretrained = _local_weights(pretrained)
+    elif pretrained is not None:
+        if pretrained.endswith(WEIGHT_SUFFIXES) or os.sep in pretrained or storage.is_uri(pretrained):
             raise ConfigError(f"backbone weights file {pretrained!r} does not exist")
         owner = next((n for n in (variant, name) if _is_tag(n, pretrained)), None)
         if owner is None:

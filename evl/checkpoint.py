@@ -7,6 +7,7 @@ so a decoder is never silently paired with another backbone. Everything loads wi
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,11 @@ from typing import Any
 
 import torch
 
+from evl import storage
 from evl.config import ModelConfig, from_dict, to_dict
 
 FORMAT = "evl-classifier"
+DECODER_FILE = "decoder.pt"  # a run's checkpoint folder holds its decoder under this name
 VERSION = 1
 
 # Reference key (after the DDP `module.` prefix) -> this project's EVLClassifier key.
@@ -60,26 +63,37 @@ def save_checkpoint(path: str | Path, classifier: torch.nn.Module, model_cfg: Mo
     state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "model": to_dict(model_cfg), "backbone_weights": backbone_weights,
                "class_names": class_names, "extra": extra or {}, "state_dict": state}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(f"{path}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    storage.write_bytes(str(path), buffer.getvalue())  # never a half-written checkpoint under the real name
+
+
+def decoder_file(path: str) -> str:
+    """The decoder checkpoint `path` names: the file itself, or the `decoder.pt` in a checkpoint folder (a
+    Ray checkpoint directory, local or in a store)."""
+    return storage.join(path, DECODER_FILE) if storage.is_dir(path) else str(path)
 
 
 def load_checkpoint(path: str | Path, given: dict[str, Any] | None = None) -> Checkpoint:
-    """Read a project checkpoint or a reference one (`{'model': {'module.…': tensor}}`).
+    """Read a project checkpoint or a reference one (`{'model': {'module.…': tensor}}`), from a file or a
+    checkpoint folder (`decoder_file`), local or in a store.
 
     given: model settings the user stated (e.g. {"num_frames": 8}); a reference checkpoint takes from them what
     its tensors cannot tell (the frame count without a temporal position embedding, the backbone without a
     cross-attention table) and must agree with them on the rest.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        path = decoder_file(str(path))
+        data = storage.read_bytes(path)
+    except storage.NotFound:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except storage.StorageError as e:
+        raise CheckpointError(f"checkpoint {e}") from None
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-tensor payloads
-        raise CheckpointError(f"{path} is not a loadable checkpoint: {e}") from e
+        raise CheckpointError(f"{path} is not a checkpoint this project can read (expected an EVL decoder.pt or a "
+                              f"reference .pth of tensors): {_load_error(e)}") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         if payload.get("version") != VERSION:
             raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not supported "
@@ -90,6 +104,18 @@ def load_checkpoint(path: str | Path, given: dict[str, Any] | None = None) -> Ch
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         return reference_checkpoint(payload["model"], source=str(path), given=given)
     raise CheckpointError(f"{path} is neither an EVL checkpoint nor a reference checkpoint ({{'model': state_dict}})")
+
+
+def _load_error(e: BaseException) -> str:
+    """torch.load's complaint in one line, without its advice to load with weights_only=False: pickled code
+    is never run here."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # the cause, between PyTorch's advice and its documentation link
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    elif "weights_only" in text:
+        text = ""
+    text = " ".join(text.split()).strip(" .:")[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def reference_checkpoint(state_dict: dict[str, torch.Tensor], source: str = "checkpoint",

@@ -332,11 +332,16 @@ def _deepcopy(d: Any) -> Any:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """The mapping in a YAML file (a local path or a URI)."""
+    from evl import storage
+
+    path = str(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(storage.read_text(path)) or {}
+    except storage.NotFound:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except storage.StorageError as e:
+        raise ConfigError(f"config file {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):

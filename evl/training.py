@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from evl import storage
 from evl.backbone import BlockFeatures, FrozenCLIPBackbone
 from evl.config import Config, ConfigError, ModelConfig, TrainConfig
 from evl.metrics import ViewAccumulator, topk_correct
@@ -50,11 +51,13 @@ def read_deepspeed_overrides(cfg: TrainConfig) -> dict[str, Any]:
     """The JSON file `train.deepspeed_config` names, read once by the driver (workers may run elsewhere)."""
     if not cfg.deepspeed_config:
         return {}
-    path = Path(cfg.deepspeed_config)
+    path = cfg.deepspeed_config
     try:
-        extra = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"train.deepspeed_config {path}: {e}") from e
+        extra = json.loads(storage.read_text(path))
+    except storage.StorageError as e:
+        raise ConfigError(f"train.deepspeed_config {e}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config {path}: {e}") from None
     if not isinstance(extra, dict):
         raise ConfigError(f"train.deepspeed_config {path} must hold a JSON object")
     return extra

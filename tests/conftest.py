@@ -11,6 +11,13 @@ import torch
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# The test S3 server's address and fake credentials, set before any Ray starts so its workers inherit them
+# (tests/s3_helpers.py); the server itself starts with the first test that asks for the `s3` fixture.
+from tests.s3_helpers import client_environment, free_port  # noqa: E402
+
+S3_PROXY_PORT = free_port()
+os.environ.update(client_environment(S3_PROXY_PORT))
+
 
 # Modules that start Ray clusters of their own in other processes (`ray start`, `evl demo`): they run first, while
 # the machine holds no other Ray (the shared one starts with the first test that needs it), so their timing-bound
@@ -47,6 +54,15 @@ def shared_ray():
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
     with ray_session(num_cpus=4) as ray:
         yield ray
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """The session's S3-compatible server (moto behind the fault proxy) with an empty bucket `s3://evl-test`."""
+    from tests.s3_helpers import s3_server
+
+    with s3_server(S3_PROXY_PORT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

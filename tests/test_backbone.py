@@ -144,3 +144,36 @@ def test_bare_weights_file_warns_and_contradictions_are_refused(tmp_path, caplog
         resolve_activation("ViT-B-16", "openai", quick_gelu=False)
     with pytest.raises(ConfigError, match="EVL-Tiny-quickgelu"):
         resolve_activation("EVL-Tiny-quickgelu", path, quick_gelu=False)
+
+
+def test_weights_in_a_store_are_fetched_once_and_named_by_their_content(tmp_path, s3, monkeypatch):
+    """`model.pretrained=s3://...`: the hub layout kept in a bucket gives the model the local files give (its
+    config beside the weights says QuickGELU), under the same sha256 identity, downloaded once per machine."""
+    from evl import storage
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    path = _tiny_weights_file(tmp_path)
+    hub_dir = tmp_path / "hub"
+    hub_dir.mkdir()
+    (hub_dir / "open_clip_model.pt").write_bytes(open(path, "rb").read())
+    (hub_dir / "open_clip_config.json").write_text('{"model_cfg": {"quick_gelu": true}, "preprocess_cfg": {}}')
+    uri = f"{s3.bucket}/weights/tiny/open_clip_model.pt"
+    storage.upload_file(str(hub_dir / "open_clip_model.pt"), uri)
+    storage.upload_file(str(hub_dir / "open_clip_config.json"), f"{s3.bucket}/weights/tiny/open_clip_config.json")
+
+    local = FrozenCLIPBackbone("EVL-Tiny", str(hub_dir / "open_clip_model.pt"), 1)
+    remote = FrozenCLIPBackbone("EVL-Tiny", uri, 1)
+    assert remote.quick_gelu and remote.weights_id == local.weights_id
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(remote(images)[-1].tokens, local(images)[-1].tokens, atol=0, rtol=0)
+    names = ("open_clip_model.pt", "open_clip_config.json")
+
+    def cached() -> dict[str, int]:  # a download replaces the file: another inode
+        return {p.name: p.stat().st_ino for p in (tmp_path / "cache").rglob("*") if p.name in names}
+
+    first = cached()
+    assert set(first) == set(names)
+    FrozenCLIPBackbone("EVL-Tiny", uri, 1)  # a second model on this machine: the same files, not downloaded again
+    assert cached() == first
+    with pytest.raises(ConfigError, match="does not exist"):
+        FrozenCLIPBackbone("EVL-Tiny", f"{s3.bucket}/weights/missing.pt", 1)

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import torch
 
-from evl.checkpoint import CheckpointError, load_checkpoint, load_into, save_checkpoint
+from evl.checkpoint import Checkpoint, CheckpointError, load_checkpoint, load_into, save_checkpoint
 from evl.config import ModelConfig
 from evl.model import EVLClassifier, build_model
 
@@ -95,10 +95,14 @@ def test_project_checkpoint_refuses_another_configuration(tmp_path, tiny_model_c
 def test_garbage_files_fail_clearly(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint this project can read") as err:
         load_checkpoint(text)
+    message = str(err.value)  # one line naming the file, never torch's advice to unpickle arbitrary code
+    assert message.startswith(str(text)) and "\n" not in message and "weights_only" not in message
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=f"checkpoint {tmp_path / 'decoder.pt'} does not exist"):
+        load_checkpoint(tmp_path)  # a folder: its decoder.pt
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(CheckpointError, match="neither an EVL checkpoint nor a reference checkpoint"):
@@ -172,3 +176,22 @@ def test_project_checkpoint_records_the_activation(tmp_path, tiny_model_config):
     other = build_model(tiny_model_config)
     with pytest.raises(CheckpointError, match="quick_gelu: checkpoint has True, model has False"):
         load_into(other.classifier, load_checkpoint(path), other.backbone.weights_id)
+
+
+def test_load_into_refuses_missing_and_unexpected_keys_by_name(tiny_model_config):
+    """A state dict of the right configuration loads only when its keys are exactly the model's."""
+    source = EVLClassifier(tiny_model_config)
+    state = source.state_dict()
+
+    def checkpoint(state_dict):
+        return Checkpoint(model=source.config, state_dict=state_dict, backbone_weights=None)
+
+    target = EVLClassifier(tiny_model_config)
+    load_into(target, checkpoint(dict(state)), backbone_weights=None)
+    assert all(torch.equal(v, state[k]) for k, v in target.state_dict().items())
+    without_bias = {k: v for k, v in state.items() if k != "head.fc.bias"}
+    with pytest.raises(CheckpointError, match=r"missing \['head\.fc\.bias'\], unexpected \[\]"):
+        load_into(EVLClassifier(tiny_model_config), checkpoint(without_bias), backbone_weights=None)
+    stray = {**state, "decoder.stray.weight": torch.zeros(3)}
+    with pytest.raises(CheckpointError, match=r"missing \[\], unexpected \['decoder\.stray\.weight'\]"):
+        load_into(EVLClassifier(tiny_model_config), checkpoint(stray), backbone_weights=None)

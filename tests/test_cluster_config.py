@@ -750,7 +750,7 @@ def _check_evl_command(argv: list[str]) -> None:
         if args.command == "train":
             from workflows.train import preflight
 
-            preflight(load_config(args.config, args.overrides))
+            preflight(load_config(args.config, args.overrides), offline=True)  # no bucket here
         elif args.command == "sweep":
             from workflows.sweep import load_sweep
 

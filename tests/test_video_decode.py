@@ -103,11 +103,20 @@ def test_probe_reads_count_rate_and_size(video):
     assert decode._pyav_probe(video) == info  # the fallback counts frames by decoding and agrees
 
 
-def test_uri_route_reads_bytes_through_pyarrow(video):
-    uri = "file://" + video
-    assert decode.is_uri(uri) and not decode.is_uri(video)
-    assert decoded_indices(read_frames(uri, [4, 30], short_side=20)) == [4, 30]
-    assert probe(uri) == probe(video)
+def test_file_uris_and_s3_objects_decode_as_the_local_file(video, s3):
+    from evl import storage
+
+    uri = f"{s3.bucket}/decode/levels.mp4"
+    storage.upload_file(video, uri)
+    for path in ("file://" + video, uri):
+        assert decoded_indices(read_frames(path, [4, 30], short_side=20)) == [4, 30]
+        assert probe(path) == probe(video)
+    for missing in (f"{s3.bucket}/decode/missing.mp4", "s3://no-such-bucket-here/x.mp4"):
+        with pytest.raises(VideoError, match="file not found"):
+            read_frames(missing, [0])
+    storage.write_bytes(f"{s3.bucket}/decode/empty.mp4", b"")
+    with pytest.raises(VideoError, match="empty file"):
+        probe(f"{s3.bucket}/decode/empty.mp4")
 
 
 def test_missing_files_raise_video_error(tmp_path):

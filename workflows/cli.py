@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
@@ -30,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == name:
             importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
+    # boto3 (MLflow's artifact client) retries throttled and dropped requests as evl.storage's pyarrow does.
+    os.environ.setdefault("AWS_RETRY_MODE", "standard")
+    os.environ.setdefault("AWS_MAX_ATTEMPTS", "5")
     from evl.checkpoint import CheckpointError
     from evl.config import ConfigError
+    from evl.storage import StorageError
     from workflows import console
 
     ray_was_up = _ray_is_up()  # a caller's Ray (tests, a notebook) is left as it is
@@ -44,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as e:
             console.warn(f"evl {args.command}: checkpoint error: {e}")
             return 2
+        except StorageError as e:
+            console.warn(f"evl {args.command}: storage error: {e}")
+            return 1
         except KeyboardInterrupt:
             console.warn(f"evl {args.command}: interrupted")
             return 130

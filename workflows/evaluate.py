@@ -12,24 +12,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+from evl import storage
 from evl.config import Config, DataConfig, apply_overrides, from_dict, read_yaml
 from workflows import console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="decoder.pt, a Ray checkpoint directory holding one, or a reference .pth")
-    parser.add_argument("--manifest", required=True, help="Parquet manifest from `evl prepare`")
+                        help="decoder.pt, a Ray checkpoint folder holding one, or a reference .pth (local or URI)")
+    parser.add_argument("--manifest", required=True, help="Parquet manifest from `evl prepare` (local or URI)")
     parser.add_argument("--config", default=None,
                         help="YAML whose data options (views, stride) and model options replace the checkpoint's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="e.g. --set data.num_temporal_views=3, or what a reference checkpoint cannot tell: "
                              "--set model.num_frames=8, --set model.backbone=ViT-L-14-336")
     parser.add_argument("--pretrained", default=None,
-                        help="backbone weights (open_clip tag or file) instead of the checkpoint's")
+                        help="backbone weights (open_clip tag, file or URI) instead of the checkpoint's")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--out", default=None, help="directory for per_class_accuracy.csv and confusion.json")
+    parser.add_argument("--out", default=None,
+                        help="folder (local or URI) for per_class_accuracy.csv and confusion.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         from workflows.tracking import per_class_csv
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "per_class_accuracy.csv").write_text(per_class_csv(result.per_class_accuracy, result.confusion, names))
-        (out / "confusion.json").write_text(json.dumps({"classes": names, "matrix": result.confusion.tolist()}))
+        csv_path = storage.join(args.out, "per_class_accuracy.csv")
+        confusion_path = storage.join(args.out, "confusion.json")
+        storage.write_text(csv_path, per_class_csv(result.per_class_accuracy, result.confusion, names))
+        storage.write_text(confusion_path, json.dumps({"classes": names, "matrix": result.confusion.tolist()}))
+        console.say(f"wrote {csv_path} and {confusion_path}")
     return 0
 
 
@@ -65,13 +68,6 @@ def stated_settings(config: str | None, overrides: list[str], pretrained: str | 
     return {section: dict(raw.get(section) or {}) for section in ("model", "data")}
 
 
-def find_decoder_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "decoder.pt"
-    return path
-
-
 def load_for_inference(checkpoint: str | Path, model: dict[str, Any] | None = None, device: str = "cpu"):
     """(Checkpoint, EVL model in eval mode) for a decoder checkpoint, under the stated model settings.
 
@@ -81,7 +77,7 @@ def load_for_inference(checkpoint: str | Path, model: dict[str, Any] | None = No
     from evl.model import build_model
 
     model = model or {}
-    ckpt = load_checkpoint(find_decoder_checkpoint(checkpoint), given=model)
+    ckpt = load_checkpoint(checkpoint, given=model)
     net = build_model(model_config_of(ckpt, model), device).eval()
     load_into(net.classifier, ckpt, None if "pretrained" in model else net.backbone.weights_id)
     return ckpt, net

@@ -12,10 +12,11 @@ from workflows import console
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("videos", nargs="+", metavar="VIDEO")
+    parser.add_argument("videos", nargs="+", metavar="VIDEO", help="video files or URIs")
     parser.add_argument("--checkpoint", required=True,
-                        help="decoder.pt, a Ray checkpoint directory holding one, or a reference .pth")
-    parser.add_argument("--pretrained", default=None, help="backbone weights (tag or file) instead of the checkpoint's")
+                        help="decoder.pt, a Ray checkpoint folder holding one, or a reference .pth (local or URI)")
+    parser.add_argument("--pretrained", default=None,
+                        help="backbone weights (tag, file or URI) instead of the checkpoint's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="model or test-view settings, e.g. what a reference checkpoint cannot tell: "
                              "--set model.num_frames=8, --set data.num_temporal_views=3")

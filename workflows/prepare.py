@@ -30,7 +30,8 @@ from dataclasses import asdict
 import numpy as np
 import pyarrow as pa
 
-from evl.video.decode import is_uri, join
+from evl import storage
+from evl.storage import join
 from evl.video.kinetics import (
     CLASSES_FILE,
     ParsedSplit,
@@ -156,7 +157,7 @@ def _sources(dataset: str | None, splits: list[str] | None, annotations: list[st
 
 
 def _stem(path: str) -> str:
-    return os.path.splitext(path.rstrip("/").rsplit("/", 1)[-1])[0]
+    return os.path.splitext(storage.basename(path))[0]
 
 
 def _is_csv(path: str) -> bool:
@@ -300,13 +301,13 @@ def _layout_root(dataset: str | None, data_root: str | None) -> str:
     root = data_root or dataset
     if not root:
         raise ValueError("--transcode needs --dataset or --data-root: the copies keep the layout under it")
-    return root if is_uri(root) else os.path.abspath(root)
+    return storage.absolute(root)
 
 
 def _check_destination(dest: str, root: str) -> None:
     """Refuse a DEST that is the dataset root, inside it, or holds it: a copy could then land on an original
     (or, inside the root, be found as one more video of the dataset by the next `evl prepare`)."""
-    d, r = _normalised(dest), _normalised(root)
+    d, r = storage.comparable(dest), storage.comparable(root)
     if d == r:
         raise ValueError(f"--transcode {dest} is the dataset root {root}: copies would replace the originals")
     if d.startswith(r + "/"):
@@ -315,14 +316,6 @@ def _check_destination(dest: str, root: str) -> None:
     if r.startswith(d + "/"):
         raise ValueError(f"--transcode {dest} holds the dataset root {root}: its copies could overwrite "
                          "originals; choose a folder beside it")
-
-
-def _normalised(path: str) -> str:
-    """A comparable form: real local paths (file:// URIs too), else the URI without a trailing '/'."""
-    if is_uri(path) and not path.startswith("file://"):
-        return path.rstrip("/")
-    local = path[len("file://"):] if path.startswith("file://") else path
-    return os.path.realpath(local).rstrip("/") or "/"
 
 
 def _transcode_jobs(usable: list[dict], dest: str, root: str) -> tuple[list[dict], dict[str, str]]:
@@ -460,12 +453,7 @@ def _split_summary(parsed: ParsedSplit, usable: list[dict], unreadable: list[dic
 
 
 def _write_json(path: str, data: dict) -> None:
-    from evl.video.decode import resolve
-
-    fs, inner = resolve(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner) as stream:
-        stream.write(json.dumps(data, indent=1).encode())
+    storage.write_text(path, json.dumps(data, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evl import storage
 from evl.config import Config, ConfigError, SweepConfig, apply_overrides, dump_yaml, from_dict, read_yaml
-from workflows.storage import latest_run, read_text, timestamped, write_bytes
 from workflows import console
+from workflows.run_dirs import latest_run, ray_storage, read_marker, timestamped
 
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 TABLE_COLUMNS = ("num_frames", "decoder_num_layers", "lr", "temporal", "status", "val_top1", "val_top5",
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, Config]:
     """The sweep config and its base training config (with the sweep's and the command line's overrides)."""
     scfg = from_dict(SweepConfig, read_yaml(path)).validate()
-    base_path = Path(scfg.base) if Path(scfg.base).is_absolute() else Path(path).parent / scfg.base
+    base_path = scfg.base if storage.is_absolute(scfg.base) else storage.join(storage.parent(str(path)), scfg.base)
     base = from_dict(Config, apply_overrides(read_yaml(base_path), scfg.overrides + list(overrides or [])))
     base.validate()
     return scfg, base
@@ -65,7 +66,7 @@ def trial_points(scfg: SweepConfig) -> list[dict[str, Any]]:
     return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
 
-def trial_config(base: dict[str, Any], point: dict[str, Any], scfg: SweepConfig, storage: str) -> Config:
+def trial_config(base: dict[str, Any], point: dict[str, Any], scfg: SweepConfig, trials_root: str) -> Config:
     frames, depth = point["model.num_frames"], point["model.decoder_num_layers"]
     # Frames and depth first: MLflow cuts long run names short.
     name = f"f{frames}-d{depth}" + "".join(
@@ -73,7 +74,7 @@ def trial_config(base: dict[str, Any], point: dict[str, Any], scfg: SweepConfig,
                                                                          "model.decoder_num_layers")) + f"-{scfg.name}"
     overrides = [f"{k}={v}" for k, v in point.items()] + [
         f"data.sampling_rate={scfg.stride_for_frames[frames]}", f"name={name}", f"tracking.run_name={name}",
-        f"scaling.storage_path={storage}"]
+        f"scaling.storage_path={trials_root}"]
     return from_dict(Config, apply_overrides(base, overrides)).validate()
 
 
@@ -87,7 +88,7 @@ def sweep_points(scfg: SweepConfig, base: Config) -> list[dict[str, Any]]:
 
 
 def trial_packs(scfg: SweepConfig, points: list[dict[str, Any]], base: dict[str, Any],
-                storage: str) -> list[dict[str, Any]]:
+                trials_root: str) -> list[dict[str, Any]]:
     """The sweep's Tune trials, each {"name": folder, "points": [...]}: the points that share everything on the
     data and backbone side (`evl.packing.pack_key`) go into one pack, at most max_heads_per_trial each; one point
     per trial with `pack: false` or with ASHA, which stops trials one by one."""
@@ -97,18 +98,18 @@ def trial_packs(scfg: SweepConfig, points: list[dict[str, Any]], base: dict[str,
         groups = [[i] for i in range(len(points))]
     else:
         size = scfg.max_heads_per_trial or len(points)
-        groups = [group[j:j + size] for group in group_packable([trial_config(base, p, scfg, storage)
+        groups = [group[j:j + size] for group in group_packable([trial_config(base, p, scfg, trials_root)
                                                                   for p in points])
                   for j in range(0, len(group), size)]
     packs = []
     for k, group in enumerate(groups):
-        names = [trial_config(base, points[i], scfg, storage).name for i in group]
+        names = [trial_config(base, points[i], scfg, trials_root).name for i in group]
         packs.append({"name": names[0] if len(group) == 1 else f"pack{k}-{len(group)}heads-{names[0]}",
                       "points": [points[i] for i in group]})
     return packs
 
 
-def run_trial(pack: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
+def run_trial(pack: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], trials_root: str,
               parent_run_id: str) -> None:
     """One Tune trial: a whole training run of one pack of heads, reporting to Tune through Ray Train's callback.
     Run again (a resumed sweep's errored trial), it continues the pack's run from its last checkpoint."""
@@ -117,8 +118,8 @@ def run_trial(pack: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], 
     from workflows.train import RUN_ID_FILE, train_pack
 
     sweep_cfg = from_dict(SweepConfig, scfg)
-    cfgs = [trial_config(base, point, sweep_cfg, storage) for point in pack["points"]]
-    started = read_text(f"{storage}/{pack['name']}/{RUN_ID_FILE}") is not None
+    cfgs = [trial_config(base, point, sweep_cfg, trials_root) for point in pack["points"]]
+    started = read_marker(storage.join(trials_root, pack["name"], RUN_ID_FILE)) is not None
     train_pack(cfgs, resume=pack["name"] if started else None, pack_name=pack["name"], parent_run_id=parent_run_id,
                callbacks=[TuneReportCallback()],
                extra_params=[{"trial.num_frames": c.model.num_frames, "trial.decoder_num_layers":
@@ -195,7 +196,7 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
     scfg, base = load_sweep(path, overrides)
     base = anchor_paths(base)  # trials run in Tune's trial folders, not here
     storage_root = scfg.storage_path or base.scaling.storage_path
-    storage_root = storage_root if "://" in storage_root else str(Path(storage_root).resolve())
+    storage_root = storage.absolute(storage_root)
     base_dict = base.to_dict()
     points = sweep_points(scfg, base)
     for point in points:  # every trial's config is checked before anything starts
@@ -212,31 +213,32 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
     uri = base.tracking.tracking_uri
     if resume:
         name = latest_run(storage_root, f"{scfg.name}-", PARENT_RUN_FILE) if resume == "latest" else resume
-        sweep_dir = f"{storage_root}/{name}"
-        parent_run_id = (read_text(f"{sweep_dir}/{PARENT_RUN_FILE}") or "").strip() if name else ""
-        if not parent_run_id or not tune.Tuner.can_restore(sweep_dir):
+        sweep_dir = storage.join(storage_root, name)
+        parent_run_id = (read_marker(storage.join(sweep_dir, PARENT_RUN_FILE)) or "").strip() if name else ""
+        if not parent_run_id or not tune.Tuner.can_restore(*storage.filesystem_for_ray(sweep_dir)):
             raise ConfigError(f"--resume: no sweep {'of ' + repr(scfg.name) if resume == 'latest' else repr(resume)} "
                               f"to resume under {storage_root}")
     else:
         name = timestamped(scfg.name)
-        sweep_dir = f"{storage_root}/{name}"  # local path or URI: Tune state, trials, summary
+        sweep_dir = storage.join(storage_root, name)  # local path or URI: Tune state, trials, summary
         params = {f"sweep.{k}": v for k, v in scfg.__dict__.items()}
         parent_run_id = tracking.start_run(uri, base.tracking.experiment, name, params, dump_yaml(base),
                                            tags={"evl.sweep": scfg.name, "evl.sweep_dir": sweep_dir})
-        write_bytes(f"{sweep_dir}/{PARENT_RUN_FILE}", parent_run_id.encode())
-    trials_storage = f"{sweep_dir}/trials"
-    packs = trial_packs(scfg, points, base_dict, trials_storage)
+        storage.write_text(storage.join(sweep_dir, PARENT_RUN_FILE), parent_run_id)
+    trials_root = storage.join(sweep_dir, "trials")
+    packs = trial_packs(scfg, points, base_dict, trials_root)
 
     try:
         ensure_ray(address, min_cpus=(scfg.max_concurrent_trials or 1) * cpus_needed(base))
-        trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, storage=trials_storage,
+        trainable = tune.with_parameters(_trial_entry, base=base_dict, scfg=scfg.__dict__, trials_root=trials_root,
                                          parent_run_id=parent_run_id)
         # The trial function only waits on its TorchTrainer; the trainer's workers and decode actors hold the
         # CPUs/GPUs.
         trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024 * 1024})
         concurrency = scfg.max_concurrent_trials or _concurrency(base, ray)
         if resume:
-            tuner = tune.Tuner.restore(sweep_dir, trainable, resume_errored=True)
+            path, fs = storage.filesystem_for_ray(sweep_dir)
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=fs)
         else:
             space = {"pack": tune.grid_search(packs)}
             scheduler = None
@@ -250,8 +252,8 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
                 trainable, param_space=space,
                 tune_config=tune.TuneConfig(
                     metric="val_top1", mode="max", scheduler=scheduler, max_concurrent_trials=concurrency),
-                run_config=tune.RunConfig(name=name, storage_path=storage_root, verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=0)))
+                run_config=tune.RunConfig(name=name, verbose=0, failure_config=tune.FailureConfig(max_failures=0),
+                                          **ray_storage(storage_root)))
         if progress:
             packed = f" in {len(packs)} packs sharing clips and backbone" if len(packs) < len(points) else ""
             console.say(f"sweep {name}: {len(points)} trials{packed}, {base.train.num_steps} steps each, "
@@ -263,8 +265,8 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
 
         rows = [row for r in grid for row in _rows(r, base)]
         rows.sort(key=lambda r: (r["num_frames"], r["decoder_num_layers"], r["lr"], r["temporal"]))
-        result = SweepResult(name, rows, f"{sweep_dir}/summary.csv", f"{sweep_dir}/heatmap.png", parent_run_id,
-                             uri, base.tracking.experiment)
+        result = SweepResult(name, rows, storage.join(sweep_dir, "summary.csv"),
+                             storage.join(sweep_dir, "heatmap.png"), parent_run_id, uri, base.tracking.experiment)
         _write_summary(result, scfg, uri)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -282,9 +284,9 @@ def sweep(path: str | Path, overrides: list[str] | None = None, resume: str | No
     return result
 
 
-def _trial_entry(config: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], storage: str,
+def _trial_entry(config: dict[str, Any], base: dict[str, Any], scfg: dict[str, Any], trials_root: str,
                  parent_run_id: str) -> None:
-    run_trial(config["pack"], base, scfg, storage, parent_run_id)
+    run_trial(config["pack"], base, scfg, trials_root, parent_run_id)
 
 
 def _concurrency(base: Config, ray) -> int:
@@ -326,8 +328,8 @@ def _write_summary(result: SweepResult, scfg: SweepConfig, uri: str) -> None:
     for row in result.rows:
         writer.writerow({k: row.get(k) for k in TABLE_COLUMNS})
     png = _heatmap(result, scfg)
-    write_bytes(result.csv_path, out.getvalue().encode())
-    write_bytes(result.heatmap_path, png)
+    storage.write_text(result.csv_path, out.getvalue())
+    storage.write_bytes(result.heatmap_path, png)
     client = MlflowClient(uri)
     client.log_text(result.parent_run_id, out.getvalue(), "summary.csv")
     with tempfile.TemporaryDirectory() as tmp:

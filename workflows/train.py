@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evl import storage
 from evl.config import Config, ConfigError, dump_yaml, from_dict, load_config
-from workflows.storage import latest_run, read_text, timestamped, write_text
+from workflows.run_dirs import latest_run, ray_storage, read_marker, timestamped
 
 RUN_ID_FILE = "mlflow_run_id"
 log = logging.getLogger("evl.train")  # in workers, Ray Train routes logging to the driver's console once
@@ -101,15 +102,13 @@ def anchor_paths(cfg: Config, root: str | Path | None = None) -> Config:
 
     from workflows.tracking import resolve_tracking_uri
 
-    root = Path(root or Path.cwd())
+    root = str(root or Path.cwd())
 
     def local(path: str | None) -> str | None:
-        if not path or "://" in path or Path(path).is_absolute():
-            return path
-        return str((root / path).resolve())
+        return storage.absolute(path, root)
 
     pretrained = cfg.model.pretrained
-    if pretrained and "://" not in pretrained and (root / pretrained).is_file():
+    if pretrained and not storage.is_uri(pretrained) and os.path.isfile(os.path.join(root, pretrained)):
         pretrained = local(pretrained)
     tracking_uri = cfg.tracking.tracking_uri
     if tracking_uri is None or tracking_uri.startswith("sqlite:///"):
@@ -124,7 +123,9 @@ def anchor_paths(cfg: Config, root: str | Path | None = None) -> Config:
         tracking=replace(cfg.tracking, tracking_uri=tracking_uri))
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config, offline: bool = False) -> None:
+    """Everything about `cfg` that can be checked before Ray starts; `offline` leaves out what needs the data's
+    store (that the manifests exist), for validating cluster configs away from their bucket."""
     from evl.checkpoint import CheckpointError  # noqa: F401  (import check of the model stack)
     from evl.model import resolve_model_config
     from evl.training import gradient_accumulation_steps, read_deepspeed_overrides
@@ -133,28 +134,32 @@ def preflight(cfg: Config) -> None:
     gradient_accumulation_steps(cfg.train, cfg.scaling.num_workers)
     if not cfg.data.train_manifest:
         raise ConfigError("data.train_manifest is not set: run `evl prepare` and point it at the train manifest")
-    for key in ("train_manifest", "val_manifest"):
+    for key in ("train_manifest", "val_manifest") if not offline else ():
         path = getattr(cfg.data, key)
-        if path and "://" not in path and not Path(path).is_file():
+        try:
+            found = not path or storage.is_file(path)
+        except storage.StorageError as e:
+            raise ConfigError(f"data.{key}: {e}") from None
+        if not found:
             raise ConfigError(f"data.{key}: {path} does not exist")
     read_deepspeed_overrides(cfg.train)
 
 
 def class_names(cfg: Config) -> list[str]:
     """The dataset's class list: data.class_names, else classes.json beside the train manifest, else K400's."""
-    from evl.video.kinetics import kinetics400_classes
+    from evl.video.kinetics import CLASSES_FILE, kinetics400_classes, read_classes
 
-    candidates = [cfg.data.class_names] if cfg.data.class_names else []
-    if cfg.data.train_manifest and "://" not in cfg.data.train_manifest:
-        candidates.append(str(Path(cfg.data.train_manifest).parent / "classes.json"))
-    for path in candidates:
-        if Path(path).is_file():
-            names = json.loads(Path(path).read_text())
-            break
-    else:
-        names = kinetics400_classes()
+    path = cfg.data.class_names
+    try:
+        if not path and cfg.data.train_manifest:
+            beside = storage.join(storage.parent(cfg.data.train_manifest), CLASSES_FILE)
+            path = beside if storage.exists(beside) else None
+        names = read_classes(path) if path else kinetics400_classes()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.class_names: {e}") from None
     if len(names) != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the dataset has {len(names)} classes")
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but the dataset has {len(names)} classes"
+                          f" ({path or 'Kinetics-400, as no classes.json is beside the train manifest'})")
     return names
 
 
@@ -214,11 +219,11 @@ def train_pack(cfgs: list[Config], resume: str | None = None, address: str | Non
     extra_params = extra_params or [{} for _ in cfgs]
 
     uri = cfg.tracking.tracking_uri  # anchor_paths resolved it
-    storage, run_name = cfg.scaling.storage_path, pack_name or _run_name(cfg, resume)
-    run_dir = f"{storage}/{run_name}"
+    root, run_name = cfg.scaling.storage_path, pack_name or _run_name(cfg, resume)
+    run_dir = storage.join(root, run_name)
     head_names = [c.tracking.run_name or c.name for c in cfgs] if len(cfgs) > 1 else [run_name]
     if resume:
-        run_ids = (read_text(f"{run_dir}/{RUN_ID_FILE}") or "").split()
+        run_ids = (read_marker(storage.join(run_dir, RUN_ID_FILE)) or "").split()
         if len(run_ids) != len(cfgs):
             raise ConfigError(f"--resume {run_name}: no run of {len(cfgs)} head(s) in {run_dir}")
         _check_resumable(cfgs, run_dir)
@@ -226,8 +231,9 @@ def train_pack(cfgs: list[Config], resume: str | None = None, address: str | Non
         run_ids = [tracking.start_run(uri, c.tracking.experiment, head, {**c.flat(), **params}, dump_yaml(c),
                                       tags={"evl.run_dir": run_dir, **(tags or {})}, parent_run_id=parent_run_id)
                    for c, head, params in zip(cfgs, head_names, extra_params)]
-        write_text(f"{run_dir}/{RUN_ID_FILE}", "\n".join(run_ids))
-        write_text(f"{run_dir}/config.yaml", dump_yaml(cfg) if len(cfgs) == 1 else dump_yaml([c.to_dict() for c in cfgs]))
+        storage.write_text(storage.join(run_dir, RUN_ID_FILE), "\n".join(run_ids))
+        storage.write_text(storage.join(run_dir, "config.yaml"),
+                           dump_yaml(cfg) if len(cfgs) == 1 else dump_yaml([c.to_dict() for c in cfgs]))
 
     ensure_ray(address, min_cpus=cpus_needed(cfg))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the loop reports progress itself
@@ -246,7 +252,7 @@ def train_pack(cfgs: list[Config], resume: str | None = None, address: str | Non
                     num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}),
                 run_config=ray.train.RunConfig(
-                    name=run_name, storage_path=storage,
+                    name=run_name, **ray_storage(root),
                     checkpoint_config=ray.train.CheckpointConfig(
                         num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="val_top1",
                         checkpoint_score_order="max"),
@@ -286,12 +292,13 @@ def _best_checkpoint(result, index: int, heads: int, head: str) -> str | None:
         return head_metrics(metrics, index, heads).get("val_top1", 0.0)
 
     if result.best_checkpoints:
-        path = max(result.best_checkpoints, key=lambda cm: score(cm[1]))[0].path
+        checkpoint = max(result.best_checkpoints, key=lambda cm: score(cm[1]))[0]
     elif result.checkpoint:
-        path = result.checkpoint.path
+        checkpoint = result.checkpoint
     else:
         return None
-    return path if heads == 1 else f"{path}/{head}"
+    path = storage.uri_of(checkpoint.filesystem, checkpoint.path)  # Ray's path has no scheme
+    return path if heads == 1 else storage.join(path, head)
 
 
 def _check_resumable(cfgs: list[Config], run_dir: str) -> None:
@@ -300,7 +307,7 @@ def _check_resumable(cfgs: list[Config], run_dir: str) -> None:
 
     from evl.checkpoint import STRUCTURAL_FIELDS
 
-    text = read_text(f"{run_dir}/config.yaml")
+    text = read_marker(storage.join(run_dir, "config.yaml"))
     if text is None:
         return
     saved = yaml.safe_load(text)
@@ -418,7 +425,11 @@ def train_loop_per_worker(loop_cfg: dict[str, Any]) -> None:
                 report.update({f"h{i}/{k}": v for k, v in own.items()} if packed else own)
             if packed:  # the run's score (which checkpoints Ray keeps): its best head's
                 report["val_top1"] = max(report[f"h{i}/val_top1"] for i in range(len(heads)))
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            try:  # the upload to scaling.storage_path happens here, before Ray Train registers the checkpoint
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+            except OSError as e:
+                raise storage.StorageError(cfg.scaling.storage_path, f"the checkpoint of step {step} could not be "
+                                           f"uploaded: {' '.join(str(e).split())[:300]}") from None
 
     fit(trainer, train_batches, evaluate=evaluate if val_shard is not None else None,
         on_log=on_log, on_checkpoint=on_checkpoint, extra_metrics=extra_metrics)

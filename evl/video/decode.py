@@ -10,14 +10,11 @@ Three readers, tried in order until one works; any failure of all of them surfac
   3. sequential PyAV, for streams without timestamps.
 The reference instead decodes every frame of the video for every clip.
 
-Paths are local paths (opened directly) or URIs of a pyarrow filesystem (`s3://bucket/key`,
-`gs://bucket/key`, `file:///abs/path`, ...), which are read into memory first. URIs are used verbatim
-(no percent-decoding), so keys with spaces work as long as they are written as is.
+Paths are local paths or URIs (`evl.storage`); an object in a store is read into memory first.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import re
@@ -26,11 +23,9 @@ from dataclasses import dataclass
 import av
 import decord
 import numpy as np
-import pyarrow.fs as pafs
 from av.video.reformatter import VideoReformatter
 
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-_BUCKET_SCHEMES = {"s3", "gs", "gcs"}  # pyarrow addresses these as "bucket/key"
+from evl import storage
 
 
 class VideoError(Exception):
@@ -53,65 +48,26 @@ class VideoInfo:
     height: int
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Filesystems
-
-
-def is_uri(path: str) -> bool:
-    return bool(_URI.match(str(path)))
-
-
-@functools.lru_cache(maxsize=32)
-def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
-    """One filesystem per bucket: building an S3 one resolves the bucket's region over the network."""
-    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}/")[0]
-
-
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a URI or a local path."""
-    uri = str(uri)
-    if not is_uri(uri):
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    scheme, rest = uri.split("://", 1)
-    if scheme == "file":
-        return pafs.LocalFileSystem(), rest
-    if scheme in _BUCKET_SCHEMES:
-        bucket = rest.split("/", 1)[0]
-        return _bucket_filesystem(scheme, bucket), rest
-    return pafs.FileSystem.from_uri(uri)
-
-
-def join(root: str, *parts: str) -> str:
-    """Join path components under a local root or a URI root, with '/' for URIs."""
-    if is_uri(root):
-        return "/".join([root.rstrip("/")] + [p.strip("/") for p in parts])
-    return os.path.join(root, *parts)
-
-
-def read_bytes(path: str) -> bytes:
-    fs, inner = resolve(path)
-    try:
-        with fs.open_input_stream(inner) as stream:
-            return stream.readall()
-    except FileNotFoundError:
-        raise VideoError(path, "file not found") from None
-    except OSError as e:
-        raise VideoError(path, f"cannot read: {e}") from None
-
-
 def _source(path: str) -> str | bytes:
-    """What the decoders open: the local path itself, or the bytes of a remote file."""
+    """What the decoders open: a local file's path, or the bytes of an object in a store (one whole-object read:
+    the decoders then seek in memory, see bench/README.md)."""
     path = str(path)
-    if is_uri(path):
-        data = read_bytes(path)
+    local = storage.local_path(path)
+    if local is None:
+        try:
+            data = storage.read_bytes(path)
+        except storage.NotFound:
+            raise VideoError(path, "file not found") from None
+        except storage.StorageError as e:
+            raise VideoError(path, f"cannot read: {e.reason}") from None
         if not data:
             raise VideoError(path, "empty file (0 bytes)")
         return data
-    if not os.path.isfile(path):
-        raise VideoError(path, "file not found" if not os.path.exists(path) else "not a regular file")
-    if os.path.getsize(path) == 0:
+    if not os.path.isfile(local):
+        raise VideoError(path, "file not found" if not os.path.exists(local) else "not a regular file")
+    if os.path.getsize(local) == 0:
         raise VideoError(path, "empty file (0 bytes)")
-    return path
+    return local
 
 
 _DECORD_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")  # "[06:14:47] /project/src/x.cc:86: "
@@ -305,12 +261,12 @@ def _pyav_probe(source: str | bytes) -> VideoInfo:
     """Count frames by decoding them all: slow, only for files decord rejects."""
     frames = _pyav_frames(source)
     stream = next(frames)
+    fps = float(stream.average_rate or stream.guessed_rate or 0.0)  # while the container is open
     count, first = 0, None
     for count, frame in enumerate(frames, start=1):
         first = first or frame
     if first is None:
         raise ValueError("no decodable video frames")
-    fps = float(stream.average_rate or stream.guessed_rate or 0.0)
     return VideoInfo(count, fps, first.width, first.height)
 
 

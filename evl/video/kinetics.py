@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from importlib import resources
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from evl.video.decode import is_uri, join, resolve
+from evl import storage
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v")
 CVDF_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -105,15 +104,18 @@ def choose_classes(label_names: Iterable[str]) -> list[str]:
 def read_classes(path: str) -> list[str]:
     """A JSON list of class names; `path` may be the list itself or a manifest it sits beside."""
     if path.endswith(".parquet"):
-        path = join(_parent(path), CLASSES_FILE)
-    names = json.loads(_read_text(path))
+        path = storage.join(storage.parent(path), CLASSES_FILE)
+    try:
+        names = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{path} must hold a JSON list of class names")
     return names
 
 
 def write_classes(path: str, classes: list[str]) -> None:
-    _write_bytes(path, json.dumps(classes, indent=1).encode())
+    storage.write_text(path, json.dumps(classes, indent=1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class CsvRow:
 
 def read_cvdf_csv(path: str) -> tuple[list[CsvRow], list[Skipped]]:
     """Rows of a CVDF annotation CSV; malformed rows and duplicates come back as Skipped."""
-    reader = csv.reader(io.StringIO(_read_text(path)))
+    reader = csv.reader(io.StringIO(storage.read_text(path)))
     header = [h.strip() for h in next(reader, [])]
     if not set(CVDF_COLUMNS) <= set(header):
         raise ValueError(f"{path}: not a Kinetics annotation CSV (header {header}, need {', '.join(CVDF_COLUMNS)})")
@@ -179,7 +181,7 @@ def find_videos(root: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> di
     """
     best: dict[str, tuple[int, str]] = {}
     for path, size in _walk(root):
-        stem, ext = os.path.splitext(path.rsplit("/", 1)[-1])
+        stem, ext = os.path.splitext(storage.basename(path))
         if ext.lower() not in extensions:
             continue
         if stem not in best or size > best[stem][0]:
@@ -189,21 +191,8 @@ def find_videos(root: str, extensions: tuple[str, ...] = VIDEO_EXTENSIONS) -> di
 
 def _walk(root: str) -> Iterable[tuple[str, int]]:
     """(path, size) of every file under root."""
-    if not is_uri(root):
-        for folder, _, files in os.walk(root):
-            for name in files:
-                path = os.path.join(folder, name)
-                try:
-                    yield os.path.abspath(path), os.path.getsize(path)
-                except OSError:
-                    continue
-        return
-    fs, inner = resolve(root)
-    prefix = root.rstrip("/")
-    base = inner.rstrip("/")
-    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
-        if info.type == pafs.FileType.File:
-            yield prefix + info.path[len(base):], info.size or 0
+    for entry in storage.walk(root):
+        yield entry.path, entry.size
 
 
 def cvdf_split(csv_path: str, videos: dict[str, str], classes: list[str]) -> ParsedSplit:
@@ -245,7 +234,7 @@ def list_file_split(list_path: str, data_root: str, classes: list[str]) -> Parse
     Existence is not checked here (the probe reports missing files), so no directory listing is needed.
     """
     entries, skipped, seen = [], [], {}
-    for number, raw in enumerate(_read_text(list_path).splitlines(), start=1):
+    for number, raw in enumerate(storage.read_text(list_path).splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -271,13 +260,8 @@ def _list_entry(line: str, data_root: str, classes: list[str]) -> tuple[Entry | 
         return None, f"label {label_text!r} is not an integer"
     if not 0 <= label < len(classes):
         return None, f"label index {label} out of range [0, {len(classes)})"
-    if is_uri(rel) or os.path.isabs(rel):
-        path = rel
-    else:
-        path = join(data_root, rel)
-    if not is_uri(path):
-        path = os.path.abspath(path)
-    return Entry(path, label, classes[label]), ""
+    path = rel if storage.is_absolute(rel) else storage.join(data_root, rel)
+    return Entry(storage.absolute(path), label, classes[label]), ""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,36 +280,21 @@ def manifest_table(rows: list[dict] | pa.Table) -> pa.Table:
 def write_manifest(rows: list[dict] | pa.Table, path: str, classes: list[str] | None = None) -> pa.Table:
     """Write a Parquet manifest (local path or URI) and, if given, `classes.json` beside it."""
     table = manifest_table(rows)
-    fs, inner = resolve(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    pq.write_table(table, inner, filesystem=fs)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(path, sink.getvalue().to_pybytes())
     if classes is not None:
-        write_classes(join(_parent(path), CLASSES_FILE), classes)
+        write_classes(storage.join(storage.parent(path), CLASSES_FILE), classes)
     return table
 
 
 def read_manifest(path: str) -> pa.Table:
     """A manifest written by write_manifest; fails with the missing columns named."""
-    fs, inner = resolve(path)
-    table = pq.read_table(inner, filesystem=fs)
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(path)))
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{path} is not a Parquet manifest: {e}") from None
     missing = [n for n in MANIFEST_SCHEMA.names if n not in table.column_names]
     if missing:
         raise ValueError(f"{path} is not a video manifest: missing column(s) {', '.join(missing)}")
     return table
-
-
-def _parent(path: str) -> str:
-    return path.rsplit("/", 1)[0] if is_uri(path) else os.path.dirname(os.path.abspath(path))
-
-
-def _read_text(path: str) -> str:
-    fs, inner = resolve(path)
-    with fs.open_input_stream(inner) as stream:
-        return stream.readall().decode("utf-8-sig")
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    fs, inner = resolve(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner) as stream:
-        stream.write(data)

@@ -33,7 +33,8 @@ from fractions import Fraction
 import av
 import pyarrow.fs as pafs
 
-from evl.video.decode import VideoError, VideoInfo, is_uri, probe, read_bytes, resolve
+from evl import storage
+from evl.video.decode import VideoError, VideoInfo, probe
 
 OUTPUT_EXTENSION = ".mp4"
 PART_SUFFIX = ".part"  # temporary name beside the final one (not a video extension: never listed as a video)
@@ -112,27 +113,9 @@ def output_path(src: str, src_root: str, dest_root: str) -> str:
 
     Raises ValueError for a source outside `src_root` (it has no place in the same layout).
     """
-    rel = relative_path(src, src_root)
+    rel = storage.relative(src, src_root)
     stem, _ = os.path.splitext(rel)
-    rel = stem + OUTPUT_EXTENSION
-    if is_uri(dest_root):
-        return dest_root.rstrip("/") + "/" + rel
-    return os.path.join(os.path.abspath(dest_root), *rel.split("/"))
-
-
-def relative_path(src: str, root: str) -> str:
-    """`src` relative to `root` with '/' separators; ValueError if it is not under it."""
-    if is_uri(src) != is_uri(root):
-        raise ValueError(f"{src} is not under {root}")
-    if is_uri(src):
-        prefix = root.rstrip("/") + "/"
-        if not src.startswith(prefix):
-            raise ValueError(f"{src} is not under {root}")
-        return src[len(prefix):]
-    rel = os.path.relpath(os.path.abspath(src), os.path.abspath(root))
-    if rel == os.curdir or rel.startswith(os.pardir + os.sep) or rel == os.pardir:
-        raise ValueError(f"{src} is not under {root}")
-    return rel.replace(os.sep, "/")
+    return storage.join(storage.absolute(dest_root), *(stem + OUTPUT_EXTENSION).split("/"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -142,13 +125,13 @@ def relative_path(src: str, root: str) -> str:
 def check_copy(path: str, num_frames: int, width: int, height: int, original: str | None = None) -> VideoInfo:
     """The copy's info if it is complete: decodes (first and last frame), `num_frames` frames, this size, and
     not older than `original` (when given). Raises VideoError saying what is wrong otherwise."""
-    fs, inner = resolve(path)
-    info = fs.get_file_info(inner)
+    try:
+        info, src_info = storage.info(path), storage.info(original) if original is not None else None
+    except storage.StorageError as e:
+        raise VideoError(path, f"cannot check the copy: {e}") from None
     if info.type != pafs.FileType.File:
         raise VideoError(path, "no copy yet")
-    if original is not None:
-        src_fs, src_inner = resolve(original)
-        src_info = src_fs.get_file_info(src_inner)
+    if src_info is not None:
         if src_info.mtime is not None and info.mtime is not None and src_info.mtime > info.mtime:
             raise VideoError(path, "the original is newer than the copy")
     got = probe(path)
@@ -189,8 +172,8 @@ def transcode_video(src: str, dst: str, settings: TranscodeSettings = TranscodeS
     """
     settings.validate()
     start = time.perf_counter()
-    fs, inner = resolve(dst)
-    local = isinstance(fs, pafs.LocalFileSystem)
+    inner = storage.local_path(dst)
+    local = inner is not None
     if local:
         os.makedirs(os.path.dirname(inner), exist_ok=True)
         work = inner + PART_SUFFIX
@@ -213,9 +196,10 @@ def transcode_video(src: str, dst: str, settings: TranscodeSettings = TranscodeS
         if local:
             os.replace(work, inner)
         else:
-            fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-            with open(work, "rb") as file, fs.open_output_stream(inner) as stream:
-                shutil.copyfileobj(file, stream, length=1 << 22)
+            try:
+                storage.upload_file(work, dst)
+            except storage.StorageError as e:
+                raise VideoError(src, f"the copy could not be uploaded: {e}") from None
     finally:
         if local:
             if os.path.exists(work):
@@ -229,12 +213,17 @@ def transcode_video(src: str, dst: str, settings: TranscodeSettings = TranscodeS
 def _encode(src: str, work: str, settings: TranscodeSettings) -> tuple[int, tuple[int, int]]:
     """Decode every frame of `src`, scale, encode to the local file `work`; (frames written, (w, h))."""
     try:
-        source = io.BytesIO(read_bytes(src)) if is_uri(src) else src
-        if not is_uri(src) and not os.path.isfile(src):
+        local = storage.local_path(src)
+        source = io.BytesIO(storage.read_bytes(src)) if local is None else local
+        if local is not None and not os.path.isfile(local):
             raise VideoError(src, "file not found")
         container = av.open(source)
     except VideoError:
         raise
+    except storage.NotFound:
+        raise VideoError(src, "file not found") from None
+    except storage.StorageError as e:
+        raise VideoError(src, f"cannot read: {e.reason}") from None
     except Exception as e:  # noqa: BLE001 - PyAV raises many types for a bad file
         raise VideoError(src, f"cannot open: {_reason(e, src)}") from None
     try:
@@ -295,5 +284,4 @@ def _reason(e: BaseException, path: str) -> str:
 
 
 def _size_of(path: str) -> int:
-    fs, inner = resolve(path)
-    return fs.get_file_info(inner).size or 0
+    return storage.info(path).size or 0
