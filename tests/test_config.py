@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from evl.config import Config, ConfigError, load_config
+from evl.config import Config, ConfigError, DataConfig, TrainConfig, load_config
 from evl.model import EVLClassifier
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -73,3 +73,57 @@ def test_bad_files_fail_clearly(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(listed)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(lr=0.0), r"^train\.lr must be positive, got 0\.0$"),
+    (dict(lr=-1e-4), r"^train\.lr must be positive, got -0\.0001$"),
+    (dict(num_steps=0), r"^train\.num_steps must be positive, got 0$"),
+    (dict(num_steps=-5), r"^train\.num_steps must be positive, got -5$"),
+    (dict(num_steps=100, warmup_steps=100), r"^train\.warmup_steps must be in \[0, num_steps\), got 100$"),
+    (dict(num_steps=100, warmup_steps=250), r"^train\.warmup_steps must be in \[0, num_steps\), got 250$"),
+    (dict(warmup_steps=-1), r"^train\.warmup_steps must be in \[0, num_steps\), got -1$"),
+    (dict(precision="bf32"), r"^train\.precision must be one of auto, fp32, bf16, fp16, got 'bf32'$"),
+], ids=["lr-zero", "lr-negative", "steps-zero", "steps-negative", "warmup-all", "warmup-past", "warmup-negative",
+        "precision"])
+def test_train_guards_refuse_naming_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("changes", [
+    dict(precision="auto"), dict(precision="fp32"), dict(precision="bf16"), dict(precision="fp16"),
+    dict(lr=1e-9), dict(num_steps=1), dict(num_steps=100, warmup_steps=99), dict(num_steps=100, warmup_steps=0),
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_train_accepts_the_edges(changes):
+    TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(sampling_rate=0), r"^data\.sampling_rate must be non-zero"),
+    (dict(min_scale=0.6, max_scale=0.5), r"^data\.min_scale/max_scale must satisfy 0 < min <= max <= 1, got 0\.6, "
+                                         r"0\.5$"),
+    (dict(min_scale=0.0), r"^data\.min_scale/max_scale"),
+    (dict(max_scale=1.5), r"^data\.min_scale/max_scale"),
+], ids=["sampling-rate-zero", "min-above-max", "min-zero", "max-above-one"])
+def test_data_guards_refuse_naming_the_key(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("changes", [
+    dict(sampling_rate=1), dict(sampling_rate=-1), dict(sampling_rate=16),
+    dict(min_scale=0.5, max_scale=0.5), dict(min_scale=1.0, max_scale=1.0),
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_data_accepts_the_edges(changes):
+    DataConfig(**changes).validate()
+
+
+def test_guards_hold_through_a_config_file_and_overrides():
+    """The same guards refuse a run started from a YAML file with command-line overrides."""
+    base = CONFIGS / "vit_b16_8f.yaml"
+    load_config(base, ["train.precision=bf16", "data.sampling_rate=1", "data.min_scale=1.0"])
+    for override, key in [("train.lr=0", "train.lr"), ("train.warmup_steps=50000", "train.warmup_steps"),
+                          ("data.sampling_rate=0", "data.sampling_rate")]:
+        with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} "):
+            load_config(base, [override])

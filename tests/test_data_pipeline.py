@@ -125,6 +125,30 @@ def test_every_execution_draws_a_new_shuffle(manifests):
         table.column("path").to_pylist()
 
 
+def test_every_pass_has_its_own_order_and_a_resumed_source_draws_the_pass_it_was_in():
+    """Two passes per epoch over a 12-row manifest, three epochs: six distinct orders, each a permutation of the
+    rows. The order and row seeds of an epoch depend on the seed and the epoch's index only, so a source brought
+    to epoch 2 (a resumed run's) draws what the uninterrupted run drew there, not the first epoch again."""
+    from workflows.data import TableSource
+
+    table = pa.table({"path": [f"/videos/{i:02d}.mp4" for i in range(12)], "label": np.arange(12) % 3})
+
+    def epoch(source):
+        return [(p, s) for t in source.get_read_tasks(1) for b in t()
+                for p, s in zip(b.column("path").to_pylist(), b.column("seed").to_pylist())]
+
+    run = TableSource(table, rows_per_block=5, shuffle=True, passes=2, seed=11)
+    epochs = [epoch(run) for _ in range(3)]
+    orders = [tuple(p for p, _ in e[i:i + 12]) for e in epochs for i in (0, 12)]
+    assert all(sorted(order) == table.column("path").to_pylist() for order in orders)
+    assert len(set(orders)) == 6
+    assert len({s for e in epochs for _, s in e}) == 3 * 24  # every clip of every pass its own seed
+    resumed = TableSource(table, rows_per_block=5, shuffle=True, passes=2, seed=11)
+    resumed.executions = 2
+    assert epoch(resumed) == epochs[2]
+    assert epoch(TableSource(table, rows_per_block=5, shuffle=True, passes=2, seed=12)) != epochs[0]
+
+
 def test_eval_dataset_yields_every_view_of_every_video(data_ray, manifests):
     from evl.video.kinetics import read_manifest
     from workflows.data import eval_dataset

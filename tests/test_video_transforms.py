@@ -142,3 +142,33 @@ def test_normalize_matches_clip_constants_on_any_dtype():
     torch.testing.assert_close(half.float(), out, atol=2e-2, rtol=1e-2)
     zero = normalize(torch.zeros(3, 1, 1, dtype=torch.uint8))
     torch.testing.assert_close(zero.flatten(), -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD))
+
+
+def position_frames(t=2, h=36, w=96) -> np.ndarray:
+    """Frames whose pixels tell where they are (red: row, green: column), so a crop from elsewhere shows."""
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    frame = np.stack([rows * 7, cols * 2, rows + cols], axis=-1).astype(np.uint8)
+    return np.repeat(frame[None], t, axis=0)
+
+
+@pytest.mark.parametrize("h, w", [(36, 96), (96, 36)], ids=["wide", "tall"])
+def test_train_crop_keeps_the_video_orientation(h, w):
+    """On a non-square video the crop box is drawn for height x width and cut rows x columns: the output is that
+    box of the frame, resized. The box's own draw is the caller's Generator's only use without RandAugment, so the
+    same seed gives it here."""
+    frames = position_frames(h=h, w=w)
+    transform = TrainTransform(24, None, scale=(0.2, 0.6))
+    for seed in range(12):
+        out = transform(frames, np.random.default_rng(seed))
+        top, left, bh, bw = sample_crop_box(h, w, np.random.default_rng(seed), scale=(0.2, 0.6))
+        assert top + bh <= h and left + bw <= w
+        box = torch.from_numpy(frames[:, top:top + bh, left:left + bw]).permute(0, 3, 1, 2).float()
+        expected = torch.nn.functional.interpolate(box, size=(24, 24), mode="bilinear", align_corners=False,
+                                                   antialias=True).round()
+        torch.testing.assert_close(out.float(), expected, atol=1, rtol=0)
+
+
+def test_crop_box_fallback_is_full_width_on_a_tall_video_and_full_height_on_a_wide_one():
+    # aspect 1/20 is outside [3/4, 4/3]: the largest centred box of aspect 3/4, full width
+    assert sample_crop_box(200, 20, np.random.default_rng(0), scale=(0.99, 1.0)) == (86, 0, 27, 20)
+    assert sample_crop_box(20, 200, np.random.default_rng(0), scale=(0.99, 1.0)) == (0, 86, 20, 27)
