@@ -223,7 +223,7 @@ def ranged_read(file, indices, size: tuple[int, int] | None, read_size: int):
     import av
     import numpy as np
 
-    from evl.video.decode import _Converter, _video_stream
+    from evl.video.decode import _video_stream, decode_wanted
 
     with av.open(file, buffer_size=read_size) as container:
         stream = _video_stream(container)
@@ -240,21 +240,8 @@ def ranged_read(file, indices, size: tuple[int, int] | None, read_size: int):
         keyframe = max((e.timestamp + shift for e in entries if e.is_keyframe and e.timestamp + shift <= min(wanted)),
                        default=order[0])
         container.seek(keyframe, stream=stream, backward=True)  # lands on the last keyframe at or before it
-        got: dict[int, np.ndarray] = {}
-        convert = _Converter(size)
-        decoder = stream.codec_context
-        for packet in container.demux(stream):
-            if not packet.size:  # the demuxer's end-of-stream packet
-                continue
-            decoder.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
-            convert.keep(decoder.decode(packet), wanted, got)
-            if len(got) == len(wanted):
-                break
-        else:
-            decoder.skip_frame = "DEFAULT"
-            convert.keep(decoder.decode(None), wanted, got)  # frames still held for reordering
-    if len(got) < len(wanted):
-        raise ValueError(f"{len(wanted) - len(got)} of the wanted frames did not decode")
+        packets = (p for p in container.demux(stream) if p.size)  # (size 0: the demuxer's end-of-stream packet)
+        got = decode_wanted(stream, packets, wanted, size)
     return np.stack([got[order[i]] for i in indices.tolist()])  # [T, H, W, 3]
 
 

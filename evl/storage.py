@@ -133,12 +133,10 @@ def relative(path: str, root: str) -> str:
 def comparable(path: str) -> str:
     """One spelling per location, to compare two paths: real local paths (file:// URIs too), else the URI
     without a trailing '/'."""
-    path = str(path)
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-    elif is_uri(path):
-        return path.rstrip("/")
-    return os.path.realpath(path).rstrip("/") or "/"
+    local = local_path(path)
+    if local is None:
+        return str(path).rstrip("/")
+    return os.path.realpath(local).rstrip("/") or "/"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # The test S3 server's address and fake credentials, set before any Ray starts so its workers inherit them
 # (tests/s3_helpers.py); the server itself starts with the first test that asks for the `s3` fixture.
-from tests.s3_helpers import client_environment, free_port  # noqa: E402
+from tests.s3_helpers import client_environment  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 S3_PROXY_PORT = free_port()
 os.environ.update(client_environment(S3_PROXY_PORT))

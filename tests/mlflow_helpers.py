@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from tests.s3_helpers import free_port
+from tests.servers import free_port, stop, wait_until_up
 
 
 @contextlib.contextmanager
@@ -22,21 +20,8 @@ def mlflow_server(home: Path, artifacts: str | None = None):
          "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
          "--artifacts-destination", artifacts or str(home / "artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(0.5)
-        yield url
+        wait_until_up(server, f"http://127.0.0.1:{port}/health", "mlflow server", timeout=90)
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.servers import free_port, stop, wait_until_up
+
 BUCKET = "evl-test"
 _HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def client_environment(proxy_port: int) -> dict[str, str]:
@@ -63,20 +57,6 @@ class S3Server:
         return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
 
 
-def _wait_ready(process: subprocess.Popen, url: str | None, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        if url is None:
-            return
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not start in {timeout} s")
-
-
 @contextlib.contextmanager
 def s3_server(proxy_port: int):
     """moto on a free port, the proxy on `proxy_port` in front of it, and the test bucket."""
@@ -88,7 +68,7 @@ def s3_server(proxy_port: int):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proxy = None
     try:
-        _wait_ready(moto, f"http://127.0.0.1:{moto_port}/moto-api/", "moto_server")
+        wait_until_up(moto, f"http://127.0.0.1:{moto_port}/moto-api/", "moto_server")
         proxy = subprocess.Popen([sys.executable, str(_HERE / "s3_faults.py"), "--port", str(proxy_port),
                                   "--upstream", f"http://127.0.0.1:{moto_port}"],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -97,11 +77,8 @@ def s3_server(proxy_port: int):
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield S3Server(f"http://127.0.0.1:{proxy_port}", proxy_port)
     finally:
-        for process in (proxy, moto):
-            if process is not None:
-                process.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=10)
+        stop(proxy)
+        stop(moto)
 
 
 def upload_tree(local: Path, uri: str) -> None:

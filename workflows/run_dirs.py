@@ -3,6 +3,8 @@ checkpoints that say which MLflow runs it feeds and how it was configured."""
 
 from __future__ import annotations
 
+import pyarrow.fs as pafs
+
 from evl import storage
 
 
@@ -17,11 +19,11 @@ def read_marker(path: str) -> str | None:
 
 def latest_run(root: str, prefix: str, marker: str) -> str | None:
     """Name of the newest folder `prefix*` under `root` that holds the file `marker`, or None."""
-    runs = [e for e in storage.list_dir(root) if e.is_dir and e.name.startswith(prefix)
-            and storage.exists(storage.join(e.path, marker))]
     # Object stores give folders no time: the marker's (written when the run starts) orders them.
-    runs.sort(key=lambda e: storage.info(storage.join(e.path, marker)).mtime_ns or 0)
-    return runs[-1].name if runs else None
+    markers = {e.name: storage.info(storage.join(e.path, marker))
+               for e in storage.list_dir(root) if e.is_dir and e.name.startswith(prefix)}
+    runs = sorted((info.mtime_ns or 0, name) for name, info in markers.items() if info.type == pafs.FileType.File)
+    return runs[-1][1] if runs else None
 
 
 def timestamped(name: str) -> str:

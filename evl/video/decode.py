@@ -175,20 +175,27 @@ def _pyav_seek_read(source: str | bytes, indices: np.ndarray, size: tuple[int, i
         order = sorted(p.pts for p in packets)  # presentation order
         indices = np.minimum(indices, len(order) - 1)
         wanted = {order[i] for i in indices.tolist()}
-        got: dict[int, np.ndarray] = {}
-        convert = _Converter(size)
-        decoder = stream.codec_context
-        for packet in packets[_first_packet(packets, min(wanted)):]:
-            decoder.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
-            convert.keep(decoder.decode(packet), wanted, got)
-            if len(got) == len(wanted):
-                break
-        else:
-            decoder.skip_frame = "DEFAULT"
-            convert.keep(decoder.decode(None), wanted, got)  # frames still held for reordering
+        got = decode_wanted(stream, packets[_first_packet(packets, min(wanted)):], wanted, size)
+    return np.stack([got[order[i]] for i in indices.tolist()])  # [T, H, W, 3]
+
+
+def decode_wanted(stream, packets, wanted: set, size: tuple[int, int] | None) -> dict[int, np.ndarray]:
+    """{pts: RGB uint8 [H, W, 3]} of the `wanted` frames, decoding `packets` (in decode order, from a keyframe)
+    until all are there; the h264/hevc decoder skips the non-reference frames that are not wanted."""
+    got: dict[int, np.ndarray] = {}
+    convert = _Converter(size)
+    decoder = stream.codec_context
+    for packet in packets:
+        decoder.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+        convert.keep(decoder.decode(packet), wanted, got)
+        if len(got) == len(wanted):
+            break
+    else:
+        decoder.skip_frame = "DEFAULT"
+        convert.keep(decoder.decode(None), wanted, got)  # frames still held for reordering
     if len(got) < len(wanted):
         raise ValueError(f"{len(wanted) - len(got)} of the wanted frames did not decode")
-    return np.stack([got[order[i]] for i in indices.tolist()])  # [T, H, W, 3]
+    return got
 
 
 class _Converter:
